@@ -1,0 +1,5 @@
+"""`depthlab export`: not available yet (the training issue)."""
+
+from depthlab.cli import not_available
+
+register = not_available("export", "the training issue")

@@ -1,0 +1,5 @@
+"""`depthlab recipe`: not available yet (the theory issue)."""
+
+from depthlab.cli import not_available
+
+register = not_available("recipe", "the theory issue")

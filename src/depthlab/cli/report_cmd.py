@@ -1,0 +1,5 @@
+"""`depthlab report`: not available yet (the studies issue)."""
+
+from depthlab.cli import not_available
+
+register = not_available("report", "the studies issue")

@@ -1,0 +1,5 @@
+"""`depthlab sample`: not available yet (the training issue)."""
+
+from depthlab.cli import not_available
+
+register = not_available("sample", "the training issue")

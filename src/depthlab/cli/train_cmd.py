@@ -1,0 +1,5 @@
+"""`depthlab train`: not available yet (the training issue)."""
+
+from depthlab.cli import not_available
+
+register = not_available("train", "the training issue")

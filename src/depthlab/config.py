@@ -1,0 +1,489 @@
+"""Typed run configuration: dataclasses with a docstring under every field, YAML files, presets, dotted overrides.
+
+A config is built in layers: defaults → preset or YAML file → ``--section.key=value`` overrides, then validated.
+Every error names the offending key (and, for typos, the closest valid one) in one line.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import functools
+import inspect
+import textwrap
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from depthlab.errors import ConfigError
+
+NORM_PLACEMENTS = ("pre", "post", "mix", "peri")
+
+
+@dataclass
+class MoEConfig:
+    num_experts: int = 0
+    """Number of routed experts E per block; 0 means a dense SwiGLU FFN."""
+    top_k: int = 2
+    """Experts each token is routed to (k); the expert density is k/E."""
+    expert_hidden: int = 0
+    """Hidden size H_e of each expert's SwiGLU; 0 means the dense FFN hidden size."""
+    shared_expert_hidden: int = 0
+    """Hidden size of an always-on shared expert; 0 means none."""
+    lb_weight: float = 0.01
+    """Weight w_lb of the load-balancing loss (divided by n_layers once)."""
+    z_weight: float = 0.001
+    """Weight w_z of the router z-loss (divided by n_layers once)."""
+    renormalize: bool = False
+    """Renormalise the chosen experts' probabilities to sum to 1."""
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 0
+    """Vocabulary size; 0 means take it from the prepared dataset's tokenizer."""
+    d_model: int = 128
+    """Width of the residual stream d."""
+    n_layers: int = 4
+    """Number of transformer blocks L (depth)."""
+    n_heads: int = 4
+    """Number of attention query heads."""
+    n_kv_heads: int = 0
+    """Number of key/value heads; 0 means n_heads (multi-head). GQA group size G = n_heads / n_kv_heads."""
+    seq_len: int = 128
+    """Context length T used in training (and the RoPE table size)."""
+    ffn_hidden: int = 0
+    """SwiGLU hidden size; 0 means 8/3·d_model rounded up to a multiple of 64."""
+    norm: str = "pre"
+    """Norm placement: pre | post | mix (Mix-LN) | peri (Peri-LN)."""
+    mix_fraction: float = 0.25
+    """Mix-LN: the first floor(n_layers·mix_fraction) blocks are post-LN, the rest pre-LN."""
+    lns: bool = False
+    """LayerNorm Scaling: multiply each block's normed input by 1/sqrt(l+1)."""
+    norm_eps: float = 1e-6
+    """RMSNorm epsilon."""
+    norm_affine: bool = True
+    """RMSNorm has a learned per-feature weight."""
+    qk_norm: bool = False
+    """Apply RMSNorm to queries and keys per head before RoPE."""
+    rope_theta: float = 10000.0
+    """RoPE base frequency."""
+    tie_embeddings: bool = False
+    """Share the token embedding matrix with the LM head."""
+    init_std: float = 0.02
+    """Standard deviation of the normal initialisation of every matrix and embedding."""
+    init_scheme: str = "normal"
+    """normal | depth_scaled (output projections scaled by 1/sqrt(2·n_layers); interacts badly with lns)."""
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    """Mixture-of-experts FFN settings."""
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def hidden(self) -> int:
+        return self.ffn_hidden or 64 * -(-(8 * self.d_model) // (3 * 64))
+
+
+@dataclass
+class DataConfig:
+    path: str = ""
+    """Prepared dataset folder (from `depthlab data prepare`); empty means the bundled Shakespeare corpus, prepared
+    on first use into the cache."""
+    vocab_size: int = 4096
+    """BPE vocabulary size when the bundled corpus is prepared automatically."""
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 3e-3
+    """Peak learning rate of AdamW."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay λ (applied as lr·λ·w per step)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW β1, β2."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    decay_norms: bool = False
+    """Also decay norm weights (and biases, if any)."""
+    decay_embeddings: bool = False
+    """Also decay the token embedding (and the LM head when tied)."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+
+
+@dataclass
+class ScheduleConfig:
+    warmup_steps: int = 50
+    """Linear warmup steps from 0 to the peak learning rate."""
+    alpha_f: float = 0.1
+    """Final learning rate as a fraction of the peak, reached by cosine decay at max_steps."""
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 300
+    """Optimizer steps to train for."""
+    batch_size: int = 32
+    """Global batch size in sequences per optimizer step (across all ranks and micro-batches)."""
+    micro_batch_size: int = 0
+    """Sequences per forward/backward on one rank; 0 means batch_size / world_size (no accumulation)."""
+    eval_interval: int = 100
+    """Steps between validation-loss evaluations (and at the end); 0 disables."""
+    eval_batches: int = 8
+    """Validation batches (of micro_batch_size sequences) per evaluation."""
+    save_interval: int = 100
+    """Steps between checkpoints (and at the end); 0 saves only at the end."""
+    keep_last: int = 2
+    """Number of most recent checkpoints to keep."""
+    stats_interval: int = 25
+    """Steps between per-layer statistics lines in layer_stats.jsonl; 0 disables."""
+    stats_moments: bool = False
+    """Also log skewness, kurtosis and the |z|>3 outlier fraction of the residual stream."""
+    stats_grad_norms: bool = False
+    """Also log gradient and parameter norms per block."""
+    stats_weight_sparsity: bool = False
+    """Also log weight sparsity per block and matrix type (SPEC §5.6)."""
+    stats_attention: bool = False
+    """Also log attention entropy / effective support per layer on a fixed probe batch (SPEC §5.7)."""
+    seed: int = 0
+    """Seed of the initialisation and of the data order."""
+    dtype: str = "bf16"
+    """Autocast dtype: bf16 (default; about 5x faster matmuls on CPU) or fp32."""
+    device: str = "auto"
+    """auto | cpu | cuda | cuda:N."""
+    compile: bool = False
+    """torch.compile the model (GPU runs)."""
+    fsdp: bool = False
+    """Shard parameters with FSDP2 when running under torchrun."""
+    log_interval: int = 10
+    """Steps between lines in metrics.jsonl."""
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = True
+    """Also write TensorBoard event files when tensorboard is installed."""
+    wandb_project: str = ""
+    """Weights & Biases project; empty disables W&B."""
+    wandb_mode: str = "offline"
+    """W&B mode: offline | online."""
+    progress: bool = True
+    """Show a live progress line."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Architecture."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training data."""
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """AdamW settings and weight-decay groups."""
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """Learning-rate schedule."""
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    """Loop, batch, checkpoint and statistics settings."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Where metrics go besides metrics.jsonl."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Introspection: field docs and types
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each field of a config dataclass."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """(dotted key, type name, default, doc) for every leaf field, in declaration order."""
+    rows = []
+    types_ = _field_types(cls)
+    docs = field_docs(cls)
+    default = cls()
+    for f in dataclasses.fields(cls):
+        key = prefix + f.name
+        tp = types_[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows += describe(tp, key + ".")
+        else:
+            rows.append((key, _type_name(tp), getattr(default, f.name), docs.get(f.name, "")))
+    return rows
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def all_keys(cls: type = Config) -> list[str]:
+    return [row[0] for row in describe(cls)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building from dicts, YAML, presets and overrides
+
+
+def _coerce(key: str, tp: Any, value: Any) -> Any:
+    """Check (and gently convert) a value against a field type; raise ConfigError naming the key."""
+    origin = typing.get_origin(tp)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif origin is tuple:
+        args = typing.get_args(tp)
+        if isinstance(value, (list, tuple)) and len(value) == len(args):
+            return tuple(_coerce(f"{key}[{i}]", a, v) for i, (a, v) in enumerate(zip(args, value)))
+    elif origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            if arg is type(None) and value is None:
+                return None
+        for arg in typing.get_args(tp):
+            if arg is not type(None):
+                try:
+                    return _coerce(key, arg, value)
+                except ConfigError:
+                    pass
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _unknown_key(key: str, valid: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _merge(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    cls = type(obj)
+    types_ = _field_types(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for name, value in data.items():
+        key = prefix + str(name)
+        if name not in names:
+            raise _unknown_key(key, all_keys(Config) if not prefix else [prefix + n for n in names] + all_keys())
+        tp = types_[name]
+        if dataclasses.is_dataclass(tp):
+            _merge(getattr(obj, name), value, key + ".")
+        else:
+            setattr(obj, name, _coerce(key, tp, value))
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    cfg = Config()
+    _merge(cfg, data)
+    return cfg
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    out = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        out[f.name] = to_dict(value) if dataclasses.is_dataclass(value) else list(value) if isinstance(
+            value, tuple) else value
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config file {path}: {e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"malformed YAML in {path}{where}: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config sections, got {type(data).__name__}")
+    return data
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("depthlab.presets").iterdir() if p.name.endswith(".yaml"))
+
+
+def preset_path(name: str) -> Path:
+    names = preset_names()
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"unknown preset '{name}'{hint}; available: {', '.join(names)}")
+    return Path(str(resources.files("depthlab.presets") / f"{name}.yaml"))
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """``["--model.n_layers=32", "--trainer.seed", "3"]`` → ``{"model.n_layers": 32, "trainer.seed": 3}``.
+
+    Values are parsed as YAML scalars/lists, so ``0.1``, ``true``, ``[0.9, 0.95]`` and ``null`` work.
+    """
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg.split("=")[0]:
+            raise ConfigError(f"unexpected argument '{arg}' (overrides look like --section.key=value)")
+        key, sep, value = arg[2:].partition("=")
+        if not sep:
+            if i + 1 >= len(args):
+                raise ConfigError(f"override --{key} has no value")
+            value = args[i + 1]
+            i += 1
+        try:
+            out[key] = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError:
+            out[key] = value
+        i += 1
+    return out
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
+    valid = all_keys()
+    for key, value in overrides.items():
+        if key not in valid:
+            raise _unknown_key(key, valid)
+        *path, name = key.split(".")
+        obj = cfg
+        for part in path:
+            obj = getattr(obj, part)
+        setattr(obj, name, _coerce(key, _field_types(type(obj))[name], value))
+    return cfg
+
+
+def load_config(source: str | Path | None = None, overrides: dict[str, Any] | list[str] | None = None) -> Config:
+    """Defaults → preset name or YAML path → overrides → validation.
+
+    ``source`` is a preset name (``tiny``), a YAML file, or None for the defaults.
+    """
+    cfg = Config()
+    if source is not None:
+        path = Path(source)
+        if not path.suffix and not path.exists():
+            path = preset_path(str(source))
+        _merge(cfg, read_yaml(path))
+    if isinstance(overrides, list):
+        overrides = parse_overrides(overrides)
+    apply_overrides(cfg, overrides or {})
+    validate(cfg)
+    return cfg
+
+
+def diff(a: Config | dict, b: Config | dict) -> list[str]:
+    """Dotted keys whose values differ between two configs (as 'key: a → b')."""
+    flat_a, flat_b = _flatten(a if isinstance(a, dict) else to_dict(a)), _flatten(b if isinstance(b, dict) else to_dict(b))
+    return [f"{k}: {flat_a.get(k)!r} → {flat_b.get(k)!r}" for k in sorted(set(flat_a) | set(flat_b))
+            if flat_a.get(k) != flat_b.get(k)]
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Validation: consistent values, each error naming its keys
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: Config) -> Config:
+    m, o, s, t = cfg.model, cfg.optimizer, cfg.schedule, cfg.trainer
+    for key in ("d_model", "n_layers", "n_heads", "seq_len"):
+        _check(getattr(m, key) > 0, f"model.{key} must be positive, got {getattr(m, key)}")
+    _check(m.vocab_size >= 0, f"model.vocab_size must be >= 0 (0 = from the tokenizer), got {m.vocab_size}")
+    _check(m.n_kv_heads >= 0, f"model.n_kv_heads must be >= 0, got {m.n_kv_heads}")
+    _check(m.d_model % m.n_heads == 0,
+           f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads})")
+    _check(m.n_heads % m.kv_heads == 0,
+           f"model.n_heads ({m.n_heads}) must be divisible by model.n_kv_heads ({m.kv_heads})")
+    _check(m.head_dim % 2 == 0, f"head dim d_model/n_heads = {m.head_dim} must be even for RoPE")
+    _check(m.norm in NORM_PLACEMENTS, f"model.norm must be one of {'|'.join(NORM_PLACEMENTS)}, got '{m.norm}'")
+    _check(0.0 <= m.mix_fraction <= 1.0, f"model.mix_fraction must be in [0, 1], got {m.mix_fraction}")
+    _check(m.init_scheme in ("normal", "depth_scaled"),
+           f"model.init_scheme must be normal|depth_scaled, got '{m.init_scheme}'")
+    _check(m.init_std > 0, f"model.init_std must be positive, got {m.init_std}")
+    _check(m.ffn_hidden >= 0, f"model.ffn_hidden must be >= 0, got {m.ffn_hidden}")
+    e = m.moe
+    _check(e.num_experts >= 0, f"model.moe.num_experts must be >= 0 (0 = dense), got {e.num_experts}")
+    if e.num_experts:
+        _check(1 <= e.top_k <= e.num_experts,
+               f"model.moe.top_k ({e.top_k}) must be between 1 and model.moe.num_experts ({e.num_experts})")
+        _check(e.expert_hidden >= 0 and e.shared_expert_hidden >= 0,
+               "model.moe.expert_hidden and model.moe.shared_expert_hidden must be >= 0")
+        _check(e.lb_weight >= 0 and e.z_weight >= 0, "model.moe.lb_weight and model.moe.z_weight must be >= 0")
+    _check(o.lr > 0, f"optimizer.lr must be positive, got {o.lr}")
+    _check(o.weight_decay >= 0, f"optimizer.weight_decay must be >= 0, got {o.weight_decay}")
+    _check(all(0 <= b < 1 for b in o.betas), f"optimizer.betas must be in [0, 1), got {list(o.betas)}")
+    _check(o.grad_clip >= 0, f"optimizer.grad_clip must be >= 0, got {o.grad_clip}")
+    _check(s.warmup_steps >= 0, f"schedule.warmup_steps must be >= 0, got {s.warmup_steps}")
+    _check(0 <= s.alpha_f <= 1, f"schedule.alpha_f must be in [0, 1], got {s.alpha_f}")
+    _check(t.max_steps > 0, f"trainer.max_steps must be positive, got {t.max_steps}")
+    _check(t.batch_size > 0, f"trainer.batch_size must be positive, got {t.batch_size}")
+    _check(t.micro_batch_size >= 0, f"trainer.micro_batch_size must be >= 0, got {t.micro_batch_size}")
+    if t.micro_batch_size:
+        _check(t.batch_size % t.micro_batch_size == 0,
+               f"trainer.batch_size ({t.batch_size}) must be divisible by trainer.micro_batch_size "
+               f"({t.micro_batch_size})")
+    for key in ("eval_interval", "save_interval", "stats_interval", "eval_batches", "log_interval"):
+        _check(getattr(t, key) >= 0, f"trainer.{key} must be >= 0, got {getattr(t, key)}")
+    _check(t.keep_last >= 1, f"trainer.keep_last must be >= 1, got {t.keep_last}")
+    _check(t.dtype in ("bf16", "fp32"), f"trainer.dtype must be bf16|fp32, got '{t.dtype}'")
+    _check(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
+           f"trainer.device must be auto|cpu|cuda[:N], got '{t.device}'")
+    _check(cfg.data.vocab_size >= 256 + 2, f"data.vocab_size must be >= 258, got {cfg.data.vocab_size}")
+    _check(cfg.logging.wandb_mode in ("offline", "online"),
+           f"logging.wandb_mode must be offline|online, got '{cfg.logging.wandb_mode}'")
+    return cfg
