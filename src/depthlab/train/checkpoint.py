@@ -1,0 +1,144 @@
+"""Atomic, checksummed checkpoints.
+
+Layout: ``RUN/checkpoints/step_000300/{model.safetensors, trainer_state.pt, meta.json}``. A checkpoint is written to
+``step_000300.tmp`` and renamed into place only when complete, so a crash (or a full disk) mid-save leaves the previous
+checkpoints untouched and never a half-written one under a real name. `meta.json` records the sha256 of every file;
+loading verifies them, so flipped bytes or truncation are refused with a clear message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from depthlab.errors import CheckpointError
+
+FORMAT = "depthlab-checkpoint-v1"
+MODEL_FILE, STATE_FILE, META_FILE = "model.safetensors", "trainer_state.pt", "meta.json"
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a text file via temp file + fsync + rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """State dict with tied tensors stored once (safetensors refuses shared storage)."""
+    state, seen = {}, {}
+    for name, t in model.state_dict().items():
+        key = (t.data_ptr(), t.shape, t.dtype)
+        if key in seen:
+            continue
+        seen[key] = name
+        state[name] = t.detach().contiguous().cpu()
+    return state
+
+
+def save_checkpoint(ckpt_dir: Path, step: int, model: torch.nn.Module, trainer_state: dict[str, Any],
+                    keep_last: int) -> Path:
+    """Write checkpoint `step` atomically, then prune to the newest `keep_last`."""
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    final = ckpt_dir / f"step_{step:06d}"
+    tmp = ckpt_dir / f"step_{step:06d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        save_file(model_state(model), tmp / MODEL_FILE, metadata={"format": FORMAT, "step": str(step)})
+        torch.save(trainer_state, tmp / STATE_FILE)
+        files = {name: sha256(tmp / name) for name in (MODEL_FILE, STATE_FILE)}
+        meta = {"format": FORMAT, "step": step, "sha256": files}
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+        for name in (MODEL_FILE, STATE_FILE, META_FILE):
+            with open(tmp / name, "rb") as f:
+                os.fsync(f.fileno())
+        if final.exists():  # re-saving the same step (e.g. after resume): replace it as a whole
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(ckpt_dir)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"could not save checkpoint step {step} ({e.strerror or e}); "
+                              f"earlier checkpoints in {ckpt_dir} are intact") from None
+    for old in list_checkpoints(ckpt_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Complete checkpoints (temp folders excluded), oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step_")
+                  and not p.name.endswith(".tmp") and (p / META_FILE).exists())
+
+
+def verify(path: Path) -> dict[str, Any]:
+    """Check a checkpoint folder against its recorded checksums; return its meta."""
+    try:
+        meta = json.loads((path / META_FILE).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is not a depthlab checkpoint (no {META_FILE})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"checkpoint {path} is corrupt: unreadable {META_FILE}") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {path} has unknown format {meta.get('format')!r}")
+    for name, digest in meta["sha256"].items():
+        f = path / name
+        if not f.exists():
+            raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing")
+        if sha256(f) != digest:
+            raise CheckpointError(f"checkpoint {path} is corrupt: {name} does not match its recorded checksum")
+    return meta
+
+
+def load_model_weights(path: Path, model: torch.nn.Module, verify_checksums: bool = True) -> None:
+    if verify_checksums:
+        verify(path)
+    try:
+        state = load_file(path / MODEL_FILE)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"cannot read {path / MODEL_FILE}: {e}") from None
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {n for n in missing if n == "lm_head.weight" and model.config.tie_embeddings}
+    missing = [n for n in missing if n not in tied]
+    if missing or unexpected:
+        kind = "MoE" if any(".experts" in n or ".router" in n for n in [*missing, *unexpected]) else "model"
+        raise CheckpointError(f"checkpoint {path} does not fit this {kind} config: missing "
+                              f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
+
+
+def load_trainer_state(path: Path) -> dict[str, Any]:
+    try:
+        return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 — any unpickling failure means an unusable file
+        raise CheckpointError(f"cannot read {path / STATE_FILE}: {type(e).__name__}") from None

@@ -1,0 +1,298 @@
+"""The training loop: one CPU, one GPU, or data-parallel ranks under torchrun.
+
+A run folder holds ``config.yaml`` (fully resolved), ``tokenizer.json``, ``metrics.jsonl``, ``layer_stats.jsonl`` and
+``checkpoints/``. Batches are a pure function of (seed, step, rank), so resuming from a checkpoint at step k continues
+exactly as if never interrupted: same loss curve, same final weights (on CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from depthlab import __version__
+from depthlab import config as cfgmod
+from depthlab.config import Config
+from depthlab.errors import CheckpointError, ConfigError, TrainingError
+from depthlab.model.params import param_counts
+from depthlab.model.transformer import Transformer
+from depthlab.train import checkpoint as ckpt
+from depthlab.train.distributed import Dist
+from depthlab.train.optim import build_optimizer, lr_at
+from depthlab.train.stats import LayerStats, block_norms
+
+# Keys that may differ between a run and its resumption (they do not change what is computed).
+RESUMABLE_DIFFERENCES = ("logging.", "trainer.device", "trainer.eval_interval", "trainer.save_interval",
+                         "trainer.keep_last", "trainer.log_interval", "trainer.compile")
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    train_loss: float
+    val_loss: float | None
+    tokens: int
+
+
+class JsonlLog:
+    """Append-only JSON-lines log that, on resume, first drops lines newer than the resumed step (no duplicates)."""
+
+    def __init__(self, path: Path, resume_step: int | None, enabled: bool = True):
+        self.path, self.enabled = path, enabled
+        if not enabled:
+            return
+        if resume_step is None:
+            path.write_text("")
+        elif path.exists():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and _line_step(line) is not None and _line_step(line) <= resume_step]
+            ckpt.atomic_write_text(path, "".join(line + "\n" for line in kept))
+        self._f = open(path, "a") if enabled else None
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            self._f.write(json.dumps(record) + "\n")
+            self._f.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self._f.close()
+
+
+def _line_step(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None  # a torn last line from a crash is dropped
+
+
+def _device(name: str, dist: Dist) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and dist.enabled:
+        name = f"cuda:{dist.local_rank}"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.device={name} but CUDA is not available")
+    return torch.device(name)
+
+
+def _resolve_data(cfg: Config):
+    """Open the training dataset (preparing the bundled corpus on first use) and fix the vocabulary size."""
+    from depthlab.data import TokenDataset, default_dataset
+
+    path = Path(cfg.data.path) if cfg.data.path else default_dataset(cfg.data.vocab_size)
+    dataset = TokenDataset(path)
+    if cfg.model.vocab_size == 0:
+        cfg.model.vocab_size = dataset.vocab_size
+    elif cfg.model.vocab_size < dataset.vocab_size:
+        raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the dataset's tokenizer "
+                          f"vocabulary ({dataset.vocab_size})")
+    return dataset
+
+
+def _check_resume(run_dir: Path, cfg: Config) -> None:
+    saved = cfgmod.read_yaml(run_dir / "config.yaml")
+    differences = [d for d in cfgmod.diff(saved, cfg.to_dict()) if not d.startswith(RESUMABLE_DIFFERENCES)]
+    if differences:
+        raise ConfigError(f"cannot resume {run_dir}: config differs ({'; '.join(differences[:4])}"
+                          f"{' …' if len(differences) > 4 else ''})")
+
+
+def train(cfg: Config, out: str | Path, resume: bool = False) -> TrainResult:
+    """Train `cfg` into run folder `out`; with `resume`, continue from its latest valid checkpoint."""
+    dist = Dist.from_env()
+    try:
+        return _train(cfg, Path(out), resume, dist)
+    finally:
+        dist.close()
+
+
+def _train(cfg: Config, run_dir: Path, resume: bool, dist: Dist) -> TrainResult:
+    t = cfg.trainer
+    dataset = _resolve_data(cfg)
+    cfgmod.validate(cfg)
+    device = _device(t.device, dist)
+    if t.batch_size % dist.world_size:
+        raise ConfigError(f"trainer.batch_size ({t.batch_size}) must be divisible by the number of ranks "
+                          f"({dist.world_size})")
+    rank_batch = t.batch_size // dist.world_size
+    micro = t.micro_batch_size or rank_batch
+    if rank_batch % micro:
+        raise ConfigError(f"per-rank batch ({rank_batch}) must be divisible by trainer.micro_batch_size ({micro})")
+    n_micro = rank_batch // micro
+
+    ckpt_dir = run_dir / "checkpoints"
+    start_step, state = 0, None
+    if resume:
+        if not (run_dir / "config.yaml").exists():
+            raise CheckpointError(f"nothing to resume: {run_dir} holds no depthlab run")
+        _check_resume(run_dir, cfg)
+        checkpoints = ckpt.list_checkpoints(ckpt_dir)
+        if checkpoints:
+            latest = checkpoints[-1]
+            ckpt.verify(latest)
+            state = ckpt.load_trainer_state(latest)
+            start_step = state["step"]
+    elif ckpt.list_checkpoints(ckpt_dir) or (run_dir / "metrics.jsonl").exists():
+        raise ConfigError(f"{run_dir} already holds a run: pass --resume to continue it or choose another --out")
+
+    torch.manual_seed(t.seed)
+    model = Transformer(cfg.model).to(device)
+    if state is not None:
+        ckpt.load_model_weights(latest, model)
+    optimizer = build_optimizer(model, cfg.optimizer)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng_cpu"])
+    train_model = dist.wrap(model, fsdp=t.fsdp)
+    if t.compile:
+        train_model = torch.compile(train_model)
+
+    counts = param_counts(cfg.model)
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        if not (run_dir / "tokenizer.json").exists():
+            shutil.copyfile(dataset.path / "tokenizer.json", run_dir / "tokenizer.json")
+        G = cfg.model.n_heads // cfg.model.kv_heads
+        print(f"depthlab {__version__} | L={cfg.model.n_layers} d={cfg.model.d_model} G={G} "
+              f"T={cfg.model.seq_len} | {counts.summary()} | {dist.world_size} rank(s) on {device} "
+              f"| {'resuming at step ' + str(start_step) if start_step else 'from scratch'}")
+    metrics = JsonlLog(run_dir / "metrics.jsonl", start_step if resume else None, dist.is_main)
+    stats_log = JsonlLog(run_dir / "layer_stats.jsonl", start_step if resume else None, dist.is_main)
+    writers = _external_writers(cfg, run_dir) if dist.is_main else []
+
+    train_tokens = dataset.split("train")
+    val_tokens = dataset.split("val")
+    from depthlab.data import sample_batch
+
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.dtype == "bf16")
+    tokens_per_step = t.batch_size * cfg.model.seq_len
+    step, loss_value, val_loss = start_step, float("nan"), None
+    bar = tqdm(total=t.max_steps, initial=start_step, disable=not (dist.is_main and cfg.logging.progress),
+               unit="step", dynamic_ncols=True, leave=True)
+    window_start, window_steps = time.perf_counter(), 0
+    while step < t.max_steps:
+        lr = lr_at(step, t.max_steps, cfg.optimizer.lr, cfg.schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        want_stats = t.stats_interval and ((step + 1) % t.stats_interval == 0 or step == 0)
+        stats = LayerStats(cfg.model.n_layers, device, moments=t.stats_moments) if want_stats else None
+        x, y = sample_batch(train_tokens, rank_batch, cfg.model.seq_len, seed=t.seed, step=step,
+                            rank=dist.rank, world_size=dist.world_size)
+        x, y = x.to(device), y.to(device)
+        loss_sum = torch.zeros((), device=device)
+        for m in range(n_micro):
+            xs, ys = x[m * micro:(m + 1) * micro], y[m * micro:(m + 1) * micro]
+            with dist.no_sync(train_model, last=m == n_micro - 1), autocast:
+                if stats is not None:
+                    with stats.attached(model):
+                        out = train_model(xs, ys, final_norm_stats=stats)
+                else:
+                    out = train_model(xs, ys)
+                (out.loss / n_micro).backward()
+            loss_sum += out.loss.detach() / n_micro
+        grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optimizer.grad_clip)
+                     if cfg.optimizer.grad_clip else _grad_norm(model))
+        loss_sum = dist.mean(loss_sum)
+        if not (math.isfinite(loss_sum.item()) and math.isfinite(float(grad_norm))):
+            last = ckpt.list_checkpoints(ckpt_dir)
+            where = f"last good checkpoint: {last[-1]}" if last else "no checkpoint was saved yet"
+            raise TrainingError(f"non-finite loss or gradient at step {step + 1}; stopping ({where})")
+        extra = block_norms(model, grads=True) if stats is not None and t.stats_grad_norms else None
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        loss_value = loss_sum.item()
+        window_steps += 1
+
+        if stats is not None:
+            record = {"step": step, "tokens": step * tokens_per_step, **stats.finish(extra)}
+            stats_log.write(record)
+        if step % t.log_interval == 0 or step == t.max_steps or step == 1:
+            elapsed = time.perf_counter() - window_start
+            tok_s = window_steps * tokens_per_step / max(elapsed, 1e-9)
+            record = {"step": step, "tokens": step * tokens_per_step, "loss": loss_value, "lr": lr,
+                      "grad_norm": float(grad_norm), "tokens_per_s": tok_s}
+            if out.aux_loss is not None and cfg.model.moe.num_experts:
+                record["aux_loss"] = float(out.aux_loss)
+            metrics.write(record)
+            for w in writers:
+                w(record, step)
+            bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tok_s:,.0f}")
+            window_start, window_steps = time.perf_counter(), 0
+        bar.update(1)
+        if t.eval_interval and (step % t.eval_interval == 0 or step == t.max_steps):
+            val_loss = evaluate_loss(model, val_tokens, cfg, micro, device, autocast, dist)
+            record = {"step": step, "tokens": step * tokens_per_step, "val_loss": val_loss,
+                      "val_ppl": math.exp(min(val_loss, 50))}
+            metrics.write(record)
+            for w in writers:
+                w(record, step)
+            bar.write(f"step {step}: val loss {val_loss:.4f} (ppl {record['val_ppl']:.2f})") if dist.is_main else None
+        if (t.save_interval and step % t.save_interval == 0) or step == t.max_steps:
+            if dist.is_main:
+                ckpt.save_checkpoint(ckpt_dir, step, model, {
+                    "step": step, "optimizer": optimizer.state_dict(), "rng_cpu": torch.get_rng_state(),
+                    "version": __version__}, keep_last=t.keep_last)
+            dist.barrier()
+    bar.close()
+    metrics.close()
+    stats_log.close()
+    if dist.is_main:
+        print(f"done: {run_dir} (step {step}, train loss {loss_value:.4f}"
+              f"{f', val loss {val_loss:.4f}' if val_loss is not None else ''})")
+    return TrainResult(run_dir, step, loss_value, val_loss, step * tokens_per_step)
+
+
+def _grad_norm(model: torch.nn.Module) -> torch.Tensor:
+    grads = [p.grad.float().norm() for p in model.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(grads)) if grads else torch.zeros(())
+
+
+@torch.no_grad()
+def evaluate_loss(model: Transformer, val_tokens, cfg: Config, micro: int, device, autocast, dist: Dist) -> float:
+    """Mean next-token loss over `eval_batches` fixed validation batches (identical at every evaluation)."""
+    from depthlab.data import sample_batch
+
+    model.eval()
+    total = torch.zeros((), device=device)
+    for i in range(cfg.trainer.eval_batches):
+        x, y = sample_batch(val_tokens, micro, cfg.model.seq_len, seed=10_000 + cfg.trainer.seed, step=i,
+                            rank=dist.rank, world_size=dist.world_size)
+        with autocast:
+            total += model(x.to(device), y.to(device)).ce_loss
+    model.train()
+    return dist.mean(total / cfg.trainer.eval_batches).item()
+
+
+def _external_writers(cfg: Config, run_dir: Path) -> list:
+    """TensorBoard when installed, W&B when configured; each a function (record, step)."""
+    writers = []
+    if cfg.logging.tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            pass  # tensorboard is optional: metrics.jsonl has everything
+        else:
+            tb = SummaryWriter(str(run_dir / "tensorboard"))
+            writers.append(lambda rec, step: [tb.add_scalar(k, v, step) for k, v in rec.items()
+                                              if k not in ("step", "tokens")] and tb.flush())
+    if cfg.logging.wandb_project:
+        try:
+            import wandb
+        except ImportError:
+            raise ConfigError("logging.wandb_project is set but wandb is not installed (pip install wandb)") from None
+        run = wandb.init(project=cfg.logging.wandb_project, mode=cfg.logging.wandb_mode, dir=str(run_dir),
+                         config=cfg.to_dict())
+        writers.append(lambda rec, step: run.log(rec, step=step))
+    return writers
