@@ -1,0 +1,93 @@
+import pytest
+
+from depthlab import config as cfgmod
+from depthlab.cli import main
+from depthlab.config import Config, load_config, parse_overrides
+from depthlab.errors import ConfigError
+
+
+def test_every_field_has_a_docstring():
+    for key, _type, _default, doc in cfgmod.describe():
+        assert doc, f"{key} has no docstring"
+
+
+def test_presets_load_and_validate():
+    names = cfgmod.preset_names()
+    assert {"tiny", "small", "paper-1b", "paper-moe-1b7b", "paper-recipe-32l"} <= set(names)
+    for name in names:
+        load_config(name)
+    paper = load_config("paper-1b")
+    assert (paper.model.d_model, paper.model.n_layers, paper.model.hidden, paper.model.vocab_size) == (
+        2048, 16, 8192, 50304)
+    recipe = load_config("paper-recipe-32l")
+    assert recipe.model.n_heads // recipe.model.kv_heads == 2 and recipe.model.moe.top_k / recipe.model.moe.num_experts == 1 / 8
+
+
+def test_dotted_overrides_with_types():
+    cfg = load_config("tiny", ["--model.n_layers=32", "--optimizer.weight_decay", "0.3", "--model.lns=true",
+                               "--optimizer.betas=[0.9, 0.99]", "--model.moe.num_experts=8"])
+    assert cfg.model.n_layers == 32 and cfg.optimizer.weight_decay == 0.3 and cfg.model.lns is True
+    assert cfg.optimizer.betas == (0.9, 0.99) and cfg.model.moe.num_experts == 8
+    assert isinstance(cfg.optimizer.weight_decay, float)
+
+
+def test_ints_are_accepted_for_floats_but_not_the_reverse():
+    assert load_config(None, {"optimizer.weight_decay": 1}).optimizer.weight_decay == 1.0
+    with pytest.raises(ConfigError, match="model.n_layers: expected int"):
+        load_config(None, {"model.n_layers": 2.5})
+    with pytest.raises(ConfigError, match="model.lns: expected bool"):
+        load_config(None, {"model.lns": "yes please"})
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"model.n_layer": 3}, "unknown config key 'model.n_layer' (did you mean 'model.n_layers'?)"),
+    ({"optimizer.weight_decy": 3}, "did you mean 'optimizer.weight_decay'"),
+    ({"model.n_kv_heads": 3}, "model.n_heads (4) must be divisible by model.n_kv_heads (3)"),
+    ({"model.n_heads": 3}, "model.d_model (128) must be divisible by model.n_heads (3)"),
+    ({"model.norm": "sandwich"}, "model.norm must be one of pre|post|mix|peri"),
+    ({"model.moe.num_experts": 4, "model.moe.top_k": 5}, "model.moe.top_k (5) must be between 1"),
+    ({"trainer.batch_size": 32, "trainer.micro_batch_size": 5}, "divisible by trainer.micro_batch_size"),
+    ({"trainer.dtype": "fp16"}, "trainer.dtype must be bf16|fp32"),
+    ({"optimizer.lr": -1.0}, "optimizer.lr must be positive"),
+])
+def test_bad_values_name_the_key(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny", overrides)
+    assert message in str(e.value)
+
+
+def test_yaml_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {d_model: 64\n")
+    with pytest.raises(ConfigError, match="malformed YAML"):
+        load_config(bad)
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("model:\n  depth: 4\n")
+    with pytest.raises(ConfigError, match="unknown config key 'model.depth'"):
+        load_config(unknown)
+    with pytest.raises(ConfigError, match="unknown preset 'tinyy' \\(did you mean 'tiny'\\?\\)"):
+        load_config("tinyy")
+
+
+def test_round_trip_and_diff(tmp_path):
+    cfg = load_config("tiny", ["--model.n_layers=8"])
+    path = tmp_path / "c.yaml"
+    import yaml
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    again = load_config(path)
+    assert again == cfg
+    assert cfgmod.diff(cfg, Config()) and "model.n_layers: 8 → 4" in cfgmod.diff(cfg, Config())
+
+
+def test_parse_overrides_rejects_positional_junk():
+    assert parse_overrides(["--a.b=1", "--c.d", "x"]) == {"a.b": 1, "c.d": "x"}
+    with pytest.raises(ConfigError, match="unexpected argument"):
+        parse_overrides(["n_layers=3"])
+
+
+def test_cli_one_line_error_and_exit_2(capsys):
+    assert main(["config", "tiny", "--model.n_layer=3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "did you mean 'model.n_layers'" in err
+    assert main(["config", "--keys"]) == 0
+    assert "model.n_kv_heads" in capsys.readouterr().out
