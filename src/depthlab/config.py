@@ -464,6 +464,10 @@ def validate(cfg: Config) -> Config:
         _check(e.expert_hidden >= 0 and e.shared_expert_hidden >= 0,
                "model.moe.expert_hidden and model.moe.shared_expert_hidden must be >= 0")
         _check(e.lb_weight >= 0 and e.z_weight >= 0, "model.moe.lb_weight and model.moe.z_weight must be >= 0")
+    else:
+        moe_set = [f"model.moe.{k}" for k, v in to_dict(e).items() if v != getattr(MoEConfig(), k)]
+        _check(not moe_set, f"{', '.join(moe_set)} set but model.moe.num_experts is 0 (dense): set "
+                            "model.moe.num_experts or remove them")
     _check(o.lr > 0, f"optimizer.lr must be positive, got {o.lr}")
     _check(o.weight_decay >= 0, f"optimizer.weight_decay must be >= 0, got {o.weight_decay}")
     _check(all(0 <= b < 1 for b in o.betas), f"optimizer.betas must be in [0, 1), got {list(o.betas)}")

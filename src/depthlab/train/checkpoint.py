@@ -128,6 +128,13 @@ def load_model_weights(path: Path, model: torch.nn.Module, verify_checksums: boo
         state = load_file(path / MODEL_FILE)
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"cannot read {path / MODEL_FILE}: {e}") from None
+    own = model.state_dict()
+    resized = [f"{n} {tuple(t.shape)}→{tuple(own[n].shape)}" for n, t in state.items()
+               if n in own and t.shape != own[n].shape]
+    if resized:
+        kind = "MoE" if any(".experts" in n or ".router" in n for n in resized) else "model"
+        raise CheckpointError(f"checkpoint {path} does not fit this {kind} config: shapes differ for "
+                              f"{', '.join(resized[:3])}")
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {n for n in missing if n == "lm_head.weight" and model.config.tie_embeddings}
     missing = [n for n in missing if n not in tied]

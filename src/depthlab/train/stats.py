@@ -7,6 +7,9 @@ summation. `finish()` all-reduces once and turns the sums into per-layer means.
 Variances are population variances across the d features of each token (the stream's spread at that token), then
 averaged over tokens. `out_var` is the raw residual stream h_{l+1}, never the post-final-norm state, which is logged
 separately as `final_norm_var`.
+
+For MoE models the routers report too (`depthlab.model.moe.RoutingStats`): expert loads from the top-k actually
+used, router entropy and the auxiliary losses, packed into the same single all-reduce.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import contextlib
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from depthlab.model.moe import RoutingStats
 
 # Column layout of the accumulator: one row per block.
 BASE_FIELDS = ("out_var", "attn_var", "ffn_var", "attn_norm", "ffn_norm", "out_norm")
@@ -35,6 +40,8 @@ class LayerStats:
         self.sums = torch.zeros(n_layers, len(self.fields), dtype=torch.float64, device=device)
         self.final = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of final-norm var, tokens]
         self.tokens = torch.zeros((), dtype=torch.float64, device=device)
+        self.device = device
+        self.routing: RoutingStats | None = None  # created on first attach to an MoE model
 
     @torch.no_grad()
     def update(self, index: int, attn: torch.Tensor, ffn: torch.Tensor, out: torch.Tensor) -> None:
@@ -57,31 +64,42 @@ class LayerStats:
     def attached(self, model: nn.Module):
         """Route the blocks' reports to this accumulator for the duration of the context."""
         blocks = list(model.blocks)
+        if self.routing is None:
+            self.routing = RoutingStats.for_model(model, self.device)
         for b in blocks:
             b.stats = self
         try:
-            yield self
+            with self.routing.attached() if self.routing is not None else contextlib.nullcontext():
+                yield self
         finally:
             for b in blocks:
                 b.stats = None
 
     def finish(self, extra_per_layer: list[dict] | None = None) -> dict:
         """All-reduce (when distributed) and return ``{"tokens": N, "final_norm_var": v, "layers": [...]}``."""
-        packed = torch.cat([self.sums.flatten(), self.final, self.tokens[None]])
+        parts = [self.sums.flatten(), self.final, self.tokens[None]]
+        if self.routing is not None:
+            parts.append(self.routing.sums.flatten())
+        packed = torch.cat(parts)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(packed)
         values = packed.tolist()  # the one host sync
         n_layers, k = self.sums.shape
-        tokens = values[-1]
+        base = n_layers * k + 3
+        tokens = values[base - 1]
+        routing, summary = self.routing.summarize(values[base:], tokens) if self.routing is not None else (None, {})
         layers = []
         for i in range(n_layers):
             row = values[i * k:(i + 1) * k]
             entry = {"layer": i, **{f: row[j] / tokens for j, f in enumerate(self.fields)}}
+            if routing:
+                entry.update(routing[i])
             if extra_per_layer:
                 entry.update(extra_per_layer[i])
             layers.append(entry)
         final_sum, final_tokens = values[n_layers * k:n_layers * k + 2]
-        return {"tokens": int(tokens), "final_norm_var": final_sum / max(final_tokens, 1), "layers": layers}
+        return {"tokens": int(tokens), "final_norm_var": final_sum / max(final_tokens, 1), **summary,
+                "layers": layers}
 
 
 @torch.no_grad()
