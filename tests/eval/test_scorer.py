@@ -1,0 +1,100 @@
+"""The batched scorer against a brute-force reference: one plain forward pass per (context, continuation)."""
+
+import random
+
+import pytest
+import torch
+
+from depthlab.config import ModelConfig
+from depthlab.eval.scorer import _plan_rows, loglikelihoods
+from depthlab.model.transformer import Transformer
+
+
+def brute_force(model, tokenizer, context: str, continuation: str, max_length: int):
+    """lm-eval's recipe written out plainly: move the context's trailing spaces to the continuation, tokenize the
+    whole string and the context separately, keep the last max_length+1 tokens, one unbatched forward pass."""
+    stripped = context.rstrip()
+    continuation = context[len(stripped):] + continuation
+    whole = tokenizer.encode(stripped + continuation)
+    cont = whole[len(tokenizer.encode(stripped)):]
+    seq = whole[-(max_length + 1):]
+    logits = model(torch.tensor([seq[:-1]])).logits[0].double()
+    logprobs = torch.log_softmax(logits, -1)[-len(cont):]
+    picked = logprobs[torch.arange(len(cont)), torch.tensor(cont)]
+    return picked.sum().item(), len(cont), bool((logprobs.argmax(-1) == torch.tensor(cont)).all())
+
+
+@pytest.fixture(scope="module")
+def requests(all_task_requests):
+    # Every prompt format, plus: a duplicate, a context ending in spaces, and an overlong context (truncated).
+    return all_task_requests + [all_task_requests[0], ("Question: why?  ", "because"),
+                                ("lorem ipsum dolor " * 60, " sit amet")]
+
+
+@torch.no_grad()
+def test_matches_brute_force_per_request(llama, tokenizer, requests):
+    scores = loglikelihoods(llama, tokenizer, requests, batch_size=7)
+    for (context, continuation), score in zip(requests, scores):
+        logprob, n_tokens, greedy = brute_force(llama, tokenizer, context, continuation, 256)
+        assert score.logprob == pytest.approx(logprob, abs=1e-4, rel=1e-5)
+        assert (score.n_tokens, score.greedy) == (n_tokens, greedy)
+
+
+def test_batch_size_and_order_do_not_change_scores(llama, tokenizer, requests):
+    reference = [s.logprob for s in loglikelihoods(llama, tokenizer, requests, batch_size=1)]
+    for batch_size in (3, 64):
+        got = [s.logprob for s in loglikelihoods(llama, tokenizer, requests, batch_size=batch_size)]
+        assert got == pytest.approx(reference, abs=1e-4)
+    order = list(range(len(requests)))
+    random.Random(0).shuffle(order)
+    shuffled = loglikelihoods(llama, tokenizer, [requests[i] for i in order], batch_size=5)
+    assert [s.logprob for s in shuffled] == pytest.approx([reference[i] for i in order], abs=1e-4)
+
+
+def test_truncation_keeps_the_last_tokens(llama, tokenizer):
+    context, continuation = "lorem ipsum dolor " * 60, " sit amet"
+    (score,) = loglikelihoods(llama, tokenizer, [(context, continuation)], max_length=32)
+    assert score.logprob == pytest.approx(brute_force(llama, tokenizer, context, continuation, 32)[0], abs=1e-4)
+
+
+def test_greedy_flag(llama, tokenizer):
+    """A continuation made of the model's own argmax tokens is greedy; changing its last token makes it not."""
+    ids = tokenizer.encode("Question: what is it?\nAnswer:")
+    with torch.no_grad():
+        for _ in range(3):
+            ids.append(int(llama(torch.tensor([ids])).logits[0, -1].argmax()))
+    context = tokenizer.decode(ids[:-3])
+    greedy = tokenizer.decode(ids)[len(context):]
+    scores = loglikelihoods(llama, tokenizer, [(context, greedy)])
+    if tokenizer.encode(context + greedy)[len(tokenizer.encode(context)):] == ids[-3:]:  # tokenization round-trips
+        assert scores[0].greedy
+
+
+def test_plan_rows_finds_every_prefix():
+    """Each input is served by a row that starts with it, and only inputs that are no other input's prefix (and
+    are distinct) become rows."""
+    rng = random.Random(1)
+    inputs = [tuple(rng.choice([1, 2]) for _ in range(rng.randint(1, 5))) for _ in range(200)]
+    rows, row_of = _plan_rows(inputs)
+    for seq, r in zip(inputs, row_of):
+        assert rows[r][:len(seq)] == seq
+    maximal = {s for s in inputs if not any(o != s and o[:len(s)] == s for o in inputs)}
+    assert sorted(rows) == sorted(maximal)
+
+
+def test_single_token_choices_share_one_row():
+    inputs = [(5, 6, 7), (5, 6, 7), (5, 6, 7, 8), (9,)]
+    rows, row_of = _plan_rows(inputs)
+    assert len(rows) == 2 and row_of[0] == row_of[1] == row_of[2] != row_of[3]
+
+
+def test_depthlab_transformer(tokenizer, all_task_requests):
+    """depthlab's own model (``model(input_ids).logits``, no attention mask, context from ``config.seq_len``)."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=len(tokenizer), d_model=32, n_layers=2, n_heads=4,
+                                    seq_len=128)).eval()
+    requests = all_task_requests[:30]
+    scores = loglikelihoods(model, tokenizer, requests, batch_size=8)
+    for (context, continuation), score in zip(requests, scores):
+        assert score.logprob == pytest.approx(brute_force(model, tokenizer, context, continuation, 128)[0],
+                                              abs=1e-4, rel=1e-5)
