@@ -294,6 +294,17 @@ def test_prepare_is_idempotent_refuses_other_datasets_and_overwrites_on_request(
         prepare_data(source, tmp_path / "foreign", vocab_size=280)
 
 
+def test_concurrent_prepares_of_one_folder_both_succeed(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    source = write_txt_corpus(tmp_path / "c", make_docs(8))
+    with ThreadPoolExecutor(2) as pool:  # flock also serialises two threads: each opens the lock file itself
+        paths = list(pool.map(lambda _: prepare_data(source, tmp_path / "ds", vocab_size=280), range(2)))
+    assert paths[0] == paths[1]
+    TokenDataset(paths[0]).verify()
+    assert not list(paths[0].glob("*.tmp"))
+
+
 # --- sampling ----------------------------------------------------------------------------------------------------
 
 def test_sample_batch_reads_shifted_windows_deterministically():

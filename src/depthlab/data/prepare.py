@@ -9,6 +9,7 @@ and content again finds the fingerprint in meta.json and returns at once.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
@@ -25,11 +26,14 @@ from depthlab import __version__
 from depthlab.data.dataset import FILES, FORMAT, FORMAT_VERSION, SPLITS, TokenDataset
 from depthlab.data.sampling import seeded_order
 from depthlab.data.sources import Corpus, Document, open_source
-from depthlab.data.tokenizer import MIN_VOCAB_SIZE, load_tokenizer, special_tokens, train_bpe
+from depthlab.data.tokenizer import check_vocab_size, load_tokenizer, special_tokens, train_bpe
 from depthlab.errors import DataError
 
 CHUNKS_PER_DOCUMENT = 100
 """A single-document corpus is cut into this many contiguous pieces, which are then split like documents."""
+
+LOCK_FILE = ".lock"
+"""Serialises concurrent prepares of one folder; it stays in the folder (deleting lock files races)."""
 
 _ENCODE_BATCH = 256  # documents per `encode_batch` call: enough to keep the Rust tokenizer's threads busy
 
@@ -73,8 +77,8 @@ def prepare_data(source: str | Path = "shakespeare", out: str | Path | None = No
     """
     if not 0 < val_fraction < 1:
         raise DataError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    if tokenizer == "bpe" and vocab_size < MIN_VOCAB_SIZE:
-        raise DataError(f"vocab size {vocab_size} is too small for a byte-level BPE: need at least {MIN_VOCAB_SIZE}")
+    if tokenizer == "bpe":
+        check_vocab_size(vocab_size)
     if out is None:
         if source != "shakespeare" or tokenizer != "bpe":
             raise DataError("an output folder is required (out=... / --out DIR) unless preparing the bundled "
@@ -90,8 +94,15 @@ def prepare_data(source: str | Path = "shakespeare", out: str | Path | None = No
     fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
     if _reusable(out, fingerprint, overwrite):
         return out
-
     out.mkdir(parents=True, exist_ok=True)
+    with _exclusive(out):  # concurrent prepares of one folder (e.g. every DDP rank) run one after the other
+        if not _reusable(out, fingerprint, overwrite):
+            _write(out, units, tokenizer, tok, vocab_size, settings, fingerprint)
+    return out
+
+
+def _write(out: Path, units: _Units, tokenizer: str, tok, vocab_size: int, settings: dict, fingerprint: str):
+    """Train or take the tokenizer, encode the shards and commit every file into ``out``, meta.json last."""
     staged = {name: out / f".{name}.{os.getpid()}.tmp" for name in FILES}
     try:
         if tok is None:
@@ -101,7 +112,7 @@ def prepare_data(source: str | Path = "shakespeare", out: str | Path | None = No
         dtype = np.dtype(np.uint16 if vocab <= 1 << 16 else np.uint32)
         splits = _write_shards(units, tok, dtype, staged)
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "depthlab_version": __version__,
-                "fingerprint": fingerprint, "settings": settings, "source": corpus.name,
+                "fingerprint": fingerprint, "settings": settings, "source": settings["source"],
                 "single_document_chunked": units.chunked,
                 "tokenizer": {"kind": "bpe" if tokenizer == "bpe" else "hf", "spec": settings["tokenizer"]["spec"],
                               "special_tokens": special_tokens(tok), "eos_id": tok.eos_token_id},
@@ -109,12 +120,27 @@ def prepare_data(source: str | Path = "shakespeare", out: str | Path | None = No
                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
         staged["meta.json"].write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         (out / "meta.json").unlink(missing_ok=True)  # from here on the folder reads as unfinished until the end
-        for name in FILES:
+        for name in FILES:  # FILES ends with meta.json
             os.replace(staged[name], out / name)
     finally:
         for path in staged.values():
             path.unlink(missing_ok=True)
-    return out
+
+
+@contextlib.contextmanager
+def _exclusive(out: Path):
+    """Hold an exclusive lock on ``out/.lock`` (POSIX advisory lock; a no-op where fcntl does not exist)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(out / LOCK_FILE, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 class _Units:
@@ -212,7 +238,8 @@ def _reusable(out: Path, fingerprint: str, overwrite: bool) -> bool:
                 f"vocab {meta.get('vocab_size')}" if isinstance(meta, dict) else "with an unreadable meta.json")
         raise DataError(f"{out} already holds a different dataset ({what}); choose another output folder or "
                         "pass --overwrite")
-    foreign = [p.name for p in out.iterdir() if p.name not in FILES and not p.name.endswith(".tmp")]
+    foreign = [p.name for p in out.iterdir()
+               if p.name not in FILES and p.name != LOCK_FILE and not p.name.endswith(".tmp")]
     if foreign and not overwrite:
         raise DataError(f"{out} is not empty and is not a prepared dataset (it holds {foreign[0]}"
                         f"{' …' if len(foreign) > 1 else ''}); choose an empty folder or pass --overwrite")

@@ -29,9 +29,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    if vocab_size < MIN_VOCAB_SIZE:
-        raise DataError(f"vocab size {vocab_size} is too small for a byte-level BPE: need at least "
-                        f"{MIN_VOCAB_SIZE} (256 bytes + {EOT} + one merge)")
+    check_vocab_size(vocab_size)
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -39,6 +37,13 @@ def train_bpe(texts: Iterable[str], vocab_size: int):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOT)
+
+
+def check_vocab_size(vocab_size: int) -> None:
+    """Refuse a BPE vocabulary too small to hold the byte alphabet, the end-of-text token and one merge."""
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise DataError(f"vocab size {vocab_size} is too small for a byte-level BPE: need at least "
+                        f"{MIN_VOCAB_SIZE} (256 bytes + {EOT} + one merge)")
 
 
 def load_tokenizer(spec: str | Path):
