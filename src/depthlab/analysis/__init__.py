@@ -1,0 +1,40 @@
+"""Layer-effectiveness and sparsity metrics (SPEC §5), all on one shared engine.
+
+    from depthlab.analysis import analyze, usefulness
+    results = analyze(model, input_ids, metrics=["variance", "usefulness"])
+
+Each metric is a public function ``metric(model, input_ids, **options) -> Result`` with ``.to_dict()``.
+Names are imported lazily so that importing one metric does not import them all.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "Engine": "depthlab.analysis.engine",
+    "BlockStack": "depthlab.analysis.engine",
+    "Drop": "depthlab.analysis.engine",
+    "variance_profile": "depthlab.analysis.profiles",
+    "angular_distance": "depthlab.analysis.profiles",
+    "usefulness": "depthlab.analysis.replacement",
+    "causal_effects": "depthlab.analysis.interventions",
+    "permutation_scores": "depthlab.analysis.interventions",
+    "jacobian": "depthlab.analysis.jacobians",
+    "weight_sparsity": "depthlab.analysis.sparsity",
+    "attention_sparsity": "depthlab.analysis.sparsity",
+    "moe_stats": "depthlab.analysis.moe",
+    "analyze": "depthlab.analysis.suite",
+    "METRICS": "depthlab.analysis.suite",
+    "run_analysis": "depthlab.analysis.runner",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'depthlab.analysis' has no attribute {name!r}")

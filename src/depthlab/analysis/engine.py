@@ -1,0 +1,352 @@
+"""The analysis engine: one definition of "block l" for every supported model, one baseline pass, resumable stacks.
+
+Every metric in depthlab.analysis is written against three operations (SPEC §1):
+
+* ``Engine.baselines()`` streams micro-batches of the intact run. Each ``Baseline`` holds the residual stream
+  ``h_0..h_L`` (block inputs and the last block's output, captured with hooks on the block modules — never HF
+  ``output_hidden_states``), the per-token next-token NLL, optionally each block's branch outputs, and the exact
+  arguments every block received (position embeddings, masks), so any block can be re-run in isolation.
+* ``Engine.resume(base, start, h, plan)`` runs positions ``start..L-1`` from a stream ``h`` with overrides: skip a
+  block, replace it by a function, run another block's weights at a position (swap), drop a sub-layer. Position
+  metadata (RoPE tables, masks) belongs to the *position*, so swapped or skipped blocks never shift it.
+* ``Engine.token_nll(h_L, ids)`` applies the final norm and LM head in row chunks.
+
+The model family is found structurally (block list, final norm, LM head); a one-time check that our own
+``final(h_L)`` reproduces the model's logits guards against families with extra output logic.
+Baselines are kept in memory while they fit ``cache_budget_mb`` and recomputed otherwise, so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from depthlab.errors import AnalysisError
+
+# Where block stacks, final norms and branches live, in the order they are tried.
+BLOCK_PATHS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers", "transformer.blocks",
+               "blocks")
+FINAL_NORM_PATHS = ("model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm", "model.decoder.final_layer_norm",
+                    "transformer.norm_f", "norm")
+ATTN_NAMES = ("self_attn", "attn", "attention")
+FFN_NAMES = ("mlp", "ffn", "block_sparse_moe", "feed_forward")
+ROUTER_NAMES = ("router", "gate")
+# Families whose branch output is normalised after the sub-layer, before it is added to the stream.
+BRANCH_OVERRIDES = {"olmo2": {"attn": "post_attention_layernorm", "ffn": "post_feedforward_layernorm"},
+                    "olmo3": {"attn": "post_attention_layernorm", "ffn": "post_feedforward_layernorm"}}
+HEAD_CHUNK_TOKENS = 2048
+
+
+def _get(module: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return module.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def _first_tensor(out):
+    return out[0] if isinstance(out, tuple | list) else out
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """True for depthlab's Transformer and for Hugging Face causal-LM classes."""
+    if type(model).__module__.startswith("depthlab."):
+        return True
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    names = set()
+    for value in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        names.update(value if isinstance(value, tuple | list) else (value,))
+    return type(model).__name__ in names
+
+
+class BlockStack:
+    """Structural view of a causal LM: its blocks, final norm, LM head, branches and routers."""
+
+    def __init__(self, model: nn.Module):
+        if not isinstance(model, nn.Module):
+            raise AnalysisError(f"expected a torch model, got {type(model).__name__}")
+        if not is_causal_lm(model):
+            raise AnalysisError(f"{type(model).__name__} is not a causal language model (depthlab analyses "
+                                "decoder-only LMs loaded with AutoModelForCausalLM or depthlab.load_model)")
+        self.model = model
+        self.model_type = getattr(getattr(model, "config", None), "model_type", None) or "depthlab"
+        self.is_hf = not type(model).__module__.startswith("depthlab.")
+        how_to = ("add its block path to BLOCK_PATHS / FINAL_NORM_PATHS in depthlab/analysis/engine.py")
+        self.blocks = next((m for p in BLOCK_PATHS if isinstance(m := _get(model, p), nn.ModuleList)), None)
+        if self.blocks is None or len(self.blocks) == 0:
+            raise AnalysisError(f"cannot locate the transformer blocks of {type(model).__name__} "
+                                f"(model_type {self.model_type!r}); to support it, {how_to}")
+        self.final_norm = next((m for p in FINAL_NORM_PATHS if (m := _get(model, p)) is not None), None)
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        self.head = head if head is not None else _get(model, "lm_head")
+        if self.final_norm is None or self.head is None:
+            raise AnalysisError(f"cannot locate the final norm / LM head of {type(model).__name__}; to support "
+                                f"it, {how_to}")
+        self.n_layers = len(self.blocks)
+        self.d_model = self.head.weight.shape[1]
+        self.vocab_size = self.head.weight.shape[0]
+        self.context = self._context_length()
+        params = inspect.signature(model.forward).parameters
+        self.forward_kwargs = {"use_cache": False} if "use_cache" in params else {}
+
+    def _context_length(self) -> int | None:
+        cfg = getattr(self.model, "config", None)
+        for key in ("max_position_embeddings", "n_positions", "seq_len", "n_ctx"):
+            if isinstance(value := getattr(cfg, key, None), int) and value > 0:
+                return value
+        return None
+
+    def branch(self, layer: int, name: str) -> nn.Module | None:
+        """The sub-module whose output is the `name` ("attn" | "ffn") branch added to the stream."""
+        block = self.blocks[layer]
+        override = BRANCH_OVERRIDES.get(self.model_type, {}).get(name)
+        if override is not None:
+            return _get(block, override)
+        names = ATTN_NAMES if name == "attn" else FFN_NAMES
+        return next((m for n in names if (m := _get(block, n)) is not None), None)
+
+    def router(self, layer: int) -> nn.Module | None:
+        ffn = self.branch(layer, "ffn")
+        if ffn is None:
+            return None
+        return next((m for n in ROUTER_NAMES if (m := _get(ffn, n)) is not None), None)
+
+    def moe_top_k(self) -> int | None:
+        cfg = getattr(self.model, "config", None)
+        moe = getattr(cfg, "moe", None)
+        if moe is not None and getattr(moe, "num_experts", 0):
+            return moe.top_k
+        return getattr(cfg, "num_experts_per_tok", None)
+
+    def final(self, h: torch.Tensor) -> torch.Tensor:
+        return self.head(self.final_norm(h))
+
+
+@dataclass
+class Baseline:
+    """One micro-batch of the intact run."""
+
+    index: int
+    ids: torch.Tensor
+    """Token ids [B, T] of this micro-batch."""
+    hs: list[torch.Tensor]
+    """h_0..h_L: block inputs plus the last block's output (pre-final-norm)."""
+    calls: list[tuple[tuple, dict]]
+    """The extra positional and keyword arguments block l received (position embeddings, masks, ...)."""
+    nll: torch.Tensor
+    """Per-token next-token NLL [B, T-1] in fp32."""
+    branches: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    """Optional branch outputs per layer ("attn", "ffn")."""
+
+    def nbytes(self) -> int:
+        tensors = [*self.hs, self.nll, *(t for v in self.branches.values() for t in v)]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@dataclass(frozen=True)
+class Drop:
+    """Run the block at this position with one of its branches ("attn" | "ffn") removed (output zeroed)."""
+
+    branch: str
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once the last block has run."""
+
+
+class Engine:
+    """Shared baseline + resumable block stack for one model and one token sample (see module docstring)."""
+
+    def __init__(self, model: nn.Module, input_ids: torch.Tensor, *, micro_batch_size: int = 8,
+                 cache_budget_mb: float = 2048.0):
+        self.stack = BlockStack(model)
+        self.model = model.eval()
+        self.input_ids = validate_ids(input_ids, self.stack)
+        if micro_batch_size < 1:
+            raise AnalysisError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+        self.micro_batch_size = micro_batch_size
+        self.cache_budget = int(cache_budget_mb * 2**20)
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self._cache: dict[int, Baseline] = {}
+        self._verified = False
+
+    @property
+    def n_layers(self) -> int:
+        return self.stack.n_layers
+
+    @property
+    def num_batches(self) -> int:
+        return -(-self.input_ids.shape[0] // self.micro_batch_size)
+
+    def release(self) -> None:
+        """Drop cached baselines (the next metric recomputes what it needs)."""
+        self._cache.clear()
+
+    # ---------------------------------------------------------------------------------------------------------- #
+    def baselines(self, *, branches: bool = False) -> Iterator[Baseline]:
+        """Micro-batches of the intact run, in order; cached while they fit the budget, recomputed otherwise."""
+        for i in range(self.num_batches):
+            base = self._cache.get(i)
+            if base is None or (branches and not base.branches):
+                self._cache.pop(i, None)
+                base = self._run_baseline(i, branches)
+                if sum(b.nbytes() for b in self._cache.values()) + base.nbytes() <= self.cache_budget:
+                    self._cache[i] = base
+            yield base
+
+    @torch.no_grad()
+    def _run_baseline(self, index: int, branches: bool) -> Baseline:
+        rows = slice(index * self.micro_batch_size, (index + 1) * self.micro_batch_size)
+        ids = self.input_ids[rows].to(self.device)
+        stack, L = self.stack, self.n_layers
+        hs: list = [None] * (L + 1)
+        calls: list = [None] * L
+        outs: dict[str, list] = {"attn": [None] * L, "ffn": [None] * L} if branches else {}
+        verify = not self._verified
+
+        def pre_hook(layer):
+            def hook(module, args, kwargs):
+                kwargs = dict(kwargs)
+                h = args[0] if args else kwargs.pop("hidden_states")
+                hs[layer] = h.detach()
+                calls[layer] = (tuple(args[1:]), kwargs)
+            return hook
+
+        def post_hook(module, args, kwargs, out):
+            hs[L] = _first_tensor(out).detach()
+            if not verify:
+                raise _Stop
+
+        def branch_hook(name, layer):
+            def hook(module, args, out):
+                outs[name][layer] = _first_tensor(out).detach()
+            return hook
+
+        handles = [b.register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i, b in enumerate(stack.blocks)]
+        handles.append(stack.blocks[-1].register_forward_hook(post_hook, with_kwargs=True))
+        for name in outs:
+            for layer in range(L):
+                module = stack.branch(layer, name)
+                if module is None:
+                    raise AnalysisError(f"cannot locate the {name} branch of block {layer} "
+                                        f"({type(stack.blocks[layer]).__name__})")
+                handles.append(module.register_forward_hook(branch_hook(name, layer)))
+        try:
+            out = self.model(ids, **stack.forward_kwargs)
+        except _Stop:
+            out = None
+        finally:
+            for h in handles:
+                h.remove()
+        if any(c is None for c in calls) or hs[L] is None:
+            raise AnalysisError(f"{type(self.model).__name__} did not run all {L} located blocks in order; "
+                                "depthlab cannot analyse this architecture")
+        if verify:
+            self._verify_final(hs[L], out)
+        return Baseline(index, ids, hs, calls, self.token_nll(hs[L], ids), outs)
+
+    def _verify_final(self, h_last: torch.Tensor, out) -> None:
+        logits = getattr(out, "logits", out)
+        ours = self.stack.final(h_last).float()
+        theirs = logits.float()
+        tol = 1e-3 if self.dtype == torch.float32 else 5e-2
+        err = (ours - theirs).abs().max().item() / max(theirs.abs().max().item(), 1e-6)
+        if ours.shape != theirs.shape or err > tol:
+            raise AnalysisError(f"final norm + LM head of {type(self.model).__name__} do not reproduce its logits "
+                                f"(relative error {err:.2g}); its output layer needs an adapter in "
+                                "depthlab/analysis/engine.py")
+        self._verified = True
+
+    # ---------------------------------------------------------------------------------------------------------- #
+    def run_block(self, base: Baseline, position: int, h: torch.Tensor, *, block: int | None = None,
+                  drop: str | None = None) -> torch.Tensor:
+        """Run block `block` (default: the one at `position`) at `position` with that position's metadata."""
+        module = self.stack.blocks[position if block is None else block]
+        args, kwargs = base.calls[position]
+        if drop is None:
+            return _first_tensor(module(h, *args, **kwargs))
+        branch = self.stack.branch(position if block is None else block, drop)
+        if branch is None:
+            raise AnalysisError(f"block {position} has no {drop} branch to drop")
+        handle = branch.register_forward_hook(lambda m, a, out: _zeros_like_output(out))
+        try:
+            return _first_tensor(module(h, *args, **kwargs))
+        finally:
+            handle.remove()
+
+    @torch.no_grad()
+    def resume(self, base: Baseline, start: int, h: torch.Tensor, plan: dict | None = None,
+               on_output: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
+        """Run positions start..L-1 from stream `h` and return h_L.
+
+        `plan` maps a position to what runs there instead of its own block: ``None`` skips it (identity), an int
+        runs that block's weights, a callable ``x -> y`` replaces it, a ``Drop`` removes one of its branches.
+        `on_output(position, input, output)` sees every position's input and output.
+        """
+        plan = plan or {}
+        for p in range(start, self.n_layers):
+            action = plan.get(p, p)
+            if action is None:
+                y = h
+            elif isinstance(action, int):
+                y = self.run_block(base, p, h, block=action)
+            elif isinstance(action, Drop):
+                y = self.run_block(base, p, h, drop=action.branch)
+            else:
+                y = action(h)
+            if on_output is not None:
+                on_output(p, h, y)
+            h = y
+        return h
+
+    @torch.no_grad()
+    def token_nll(self, h_last: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Next-token NLL [B, T-1] in fp32 from the pre-final-norm stream, head applied in row chunks."""
+        B, T, d = h_last.shape
+        x = h_last[:, :-1].reshape(-1, d)
+        targets = ids[:, 1:].reshape(-1).to(x.device)
+        out = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+        for i in range(0, x.shape[0], HEAD_CHUNK_TOKENS):
+            logits = self.stack.final(x[i:i + HEAD_CHUNK_TOKENS]).float()
+            out[i:i + HEAD_CHUNK_TOKENS] = nn.functional.cross_entropy(
+                logits, targets[i:i + HEAD_CHUNK_TOKENS], reduction="none")
+        return out.view(B, T - 1)
+
+
+def _zeros_like_output(out):
+    if isinstance(out, tuple):
+        return (torch.zeros_like(out[0]), *out[1:])
+    return torch.zeros_like(out)
+
+
+def validate_ids(input_ids, stack: BlockStack) -> torch.Tensor:
+    """Check a token sample: LongTensor [N, T], T >= 2, within the context and the vocabulary."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise AnalysisError("input_ids must be a 2-D tensor [num_sequences, seq_len]")
+    if input_ids.dtype not in (torch.int64, torch.int32):
+        raise AnalysisError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
+    N, T = input_ids.shape
+    if N < 1 or T < 2:
+        raise AnalysisError(f"need at least 1 sequence of at least 2 tokens, got shape {tuple(input_ids.shape)}")
+    if stack.context is not None and T > stack.context:
+        raise AnalysisError(f"sequence length {T} exceeds the model's context of {stack.context} tokens")
+    lo, hi = int(input_ids.min()), int(input_ids.max())
+    if lo < 0 or hi >= stack.vocab_size:
+        bad = lo if lo < 0 else hi
+        raise AnalysisError(f"token id {bad} is outside the model's vocabulary of {stack.vocab_size}")
+    return input_ids.long()
+
+
+def get_engine(model, input_ids, engine: Engine | None, micro_batch_size: int, cache_budget_mb: float) -> Engine:
+    """The shared engine when `analyze` passes one, else a fresh one for a single metric call."""
+    if engine is not None:
+        if engine.model is not model or not torch.equal(engine.input_ids, torch.as_tensor(input_ids).long()):
+            raise AnalysisError("the engine passed belongs to a different model or token sample")
+        return engine
+    return Engine(model, input_ids, micro_batch_size=micro_batch_size, cache_budget_mb=cache_budget_mb)

@@ -1,0 +1,131 @@
+"""Interventions on the block stack: causal effect of skipping a block, and block permutation (SPEC §5.5).
+
+Both resume from the cached stream instead of re-running the model: skipping block s restarts from h_s at position
+s+1, swapping blocks a < b restarts from h_a. Block updates are read from the engine (the stream entering and
+leaving each position), never from HF ``hidden_states``, so the matrix rows and columns are the blocks themselves.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from depthlab.analysis.engine import Engine, get_engine
+from depthlab.analysis.results import Result
+from depthlab.errors import AnalysisError
+
+
+def _token_norm(x: torch.Tensor) -> torch.Tensor:
+    return x.float().norm(dim=-1).double().flatten()
+
+
+@dataclass
+class CausalEffects(Result):
+    matrix: list[list[float]]
+    """C[s][l] = Σ_tok ||Δ̄_l − Δ_l|| / Σ_tok ||Δ_l|| for l > s (block s skipped); NaN (null) where l <= s."""
+    max_matrix: list[list[float]]
+    """Csordás et al.'s variant: the maximum over tokens of ||Δ̄_l − Δ_l|| / ||Δ_l||."""
+    mean_effect: float
+    """Mean of the strict upper triangle of `matrix`."""
+    per_skip_mean: list[float]
+    """Mean over l > s of C[s][l] for each skipped block s (NaN for the last block)."""
+
+    def per_layer(self) -> dict[str, list]:
+        return {"per_skip_mean": self.per_skip_mean}
+
+
+def causal_effects(model, input_ids, *, micro_batch_size: int = 8, cache_budget_mb: float = 2048.0,
+                   engine: Engine | None = None, progress: bool = False) -> CausalEffects:
+    """The full L×L causal-effect matrix of skipping each block on every later block's update."""
+    eng = get_engine(model, input_ids, engine, micro_batch_size, cache_budget_mb)
+    L = eng.n_layers
+    num = torch.zeros(L, L, dtype=torch.float64)
+    den = torch.zeros(L, dtype=torch.float64)
+    peak = torch.zeros(L, L, dtype=torch.float64)
+    with tqdm(total=eng.num_batches * L, desc="causal", disable=not progress, leave=False) as bar:
+        for base in eng.baselines():
+            deltas = [base.hs[l + 1] - base.hs[l] for l in range(L)]
+            norms = [_token_norm(d) for d in deltas]
+            for l in range(L):
+                den[l] += norms[l].sum()
+
+            for s in range(L):
+                def record(position, x, y, s=s):
+                    diff = _token_norm((y - x) - deltas[position])
+                    num[s, position] += diff.sum()
+                    rel = torch.where(norms[position] > 0, diff / norms[position].clamp_min(1e-300),
+                                      torch.where(diff > 0, torch.inf, 0.0))
+                    peak[s, position] = max(peak[s, position], rel.max())
+
+                eng.resume(base, s + 1, base.hs[s], on_output=record)
+                bar.update()
+    upper = torch.ones(L, L, dtype=torch.bool).triu(1)
+    ratio = torch.where(den > 0, num / den.clamp_min(1e-300), torch.where(num > 0, torch.inf, 0.0))
+    ratio = torch.where(upper, ratio, torch.nan)
+    peak = torch.where(upper, peak, torch.nan)
+    rows = [ratio[s, s + 1:].mean().item() if s < L - 1 else float("nan") for s in range(L)]
+    mean = ratio[upper].mean().item() if L > 1 else float("nan")
+    return CausalEffects(ratio.tolist(), peak.tolist(), mean, rows)
+
+
+@dataclass
+class PermutationScores(Result):
+    pairs: list[list[int]]
+    """The swapped pairs (a, b), a < b."""
+    scores: list[float]
+    """P(a,b) = |L_swap − L_0| / L_0 for each pair."""
+    swapped_losses: list[float]
+    baseline_loss: float
+    mean_score: float
+    """Mean over the pairs: higher means blocks are less interchangeable."""
+    matrix: list[list[float]]
+    """scores placed at [a][b] and [b][a]; NaN (null) for pairs not measured."""
+
+
+def resolve_pairs(pairs, n_layers: int) -> list[tuple[int, int]]:
+    """"all" | "adjacent" | an explicit list of (a, b) → sorted, validated pairs."""
+    if pairs == "all":
+        return list(itertools.combinations(range(n_layers), 2))
+    if pairs == "adjacent":
+        return [(a, a + 1) for a in range(n_layers - 1)]
+    if isinstance(pairs, str):
+        raise AnalysisError(f"pairs must be 'all', 'adjacent' or a list of (a, b), got {pairs!r}")
+    out = []
+    for pair in pairs:
+        a, b = sorted(int(v) for v in pair)
+        if a == b or a < 0 or b >= n_layers:
+            raise AnalysisError(f"invalid block pair {tuple(pair)} for a model with {n_layers} blocks")
+        out.append((a, b))
+    return out
+
+
+def permutation_scores(model, input_ids, *, pairs="all", micro_batch_size: int = 8,
+                       cache_budget_mb: float = 2048.0, engine: Engine | None = None,
+                       progress: bool = False) -> PermutationScores:
+    """Loss change when blocks a and b exchange positions (each keeps its weights, runs at the other's position)."""
+    eng = get_engine(model, input_ids, engine, micro_batch_size, cache_budget_mb)
+    L = eng.n_layers
+    chosen = resolve_pairs(pairs, L)
+    if not chosen:
+        raise AnalysisError("permutation scores need at least one pair of blocks (the model has one block)")
+    base_sum = 0.0
+    swap_sum = torch.zeros(len(chosen), dtype=torch.float64)
+    with tqdm(total=eng.num_batches * len(chosen), desc="permutation", disable=not progress, leave=False) as bar:
+        for base in eng.baselines():
+            base_sum += base.nll.double().sum().item()
+            for i, (a, b) in enumerate(chosen):
+                h_last = eng.resume(base, a, base.hs[a], plan={a: b, b: a})
+                swap_sum[i] += eng.token_nll(h_last, base.ids).double().sum()
+                bar.update()
+    tokens = eng.input_ids.shape[0] * (eng.input_ids.shape[1] - 1)
+    loss0 = base_sum / tokens
+    losses = swap_sum / tokens
+    scores = (losses - loss0).abs() / loss0
+    matrix = torch.full((L, L), torch.nan, dtype=torch.float64)
+    for (a, b), p in zip(chosen, scores):
+        matrix[a, b] = matrix[b, a] = p
+    return PermutationScores([list(p) for p in chosen], scores.tolist(), losses.tolist(), loss0,
+                             scores.mean().item(), matrix.tolist())
