@@ -130,6 +130,21 @@ def test_hf_dataset_sources(tmp_path):
     assert TokenDataset(path).meta["splits"]["train"]["documents"] + 1 == len(docs)
 
 
+def test_hf_hub_names_pass_config_and_split(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    calls = []
+
+    def fake_load_dataset(name, config=None, split=None):
+        calls.append((name, config, split))
+        return datasets.Dataset.from_dict({"text": ["a", "b"]})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    corpus = open_source("hf:wikitext:wikitext-2-raw-v1@validation")
+    assert corpus.name == "hf:wikitext:wikitext-2-raw-v1@validation" and len(list(corpus.documents())) == 2
+    open_source("hf:org/name")
+    assert calls == [("wikitext", "wikitext-2-raw-v1", "validation"), ("org/name", None, "train")]
+
+
 # --- tokenizers --------------------------------------------------------------------------------------------------
 
 def test_bpe_round_trips_any_text_and_has_eos():

@@ -40,8 +40,9 @@ class TokenDataset:
     def __init__(self, path: str | Path):
         self.path = Path(path).expanduser()
         if not self.path.is_dir():
-            raise DataError(f"dataset folder {self.path} does not exist (create it with 'depthlab data prepare "
-                            f"--out {self.path}')")
+            state = "is a file, not a folder" if self.path.exists() else "does not exist"
+            raise DataError(f"dataset folder {self.path} {state} (create one with 'depthlab data prepare --out "
+                            "DIR')")
         meta_path = self.path / "meta.json"
         if not meta_path.exists():
             state = "is empty" if not any(self.path.iterdir()) else "has no meta.json (preparation did not finish?)"

@@ -205,8 +205,9 @@ _HF_FILE_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", "
 
 
 def _hf_corpus(spec: str, text_field: str) -> Corpus:
-    name, _, split = spec.rpartition("@") if "@" in spec else (spec, "", "train")
+    name, _, split = spec.rpartition("@") if "@" in spec else (spec, "", "")
     name, _, config = name.partition(":")
+    split = split or "train"
     if not name:
         raise DataError(f"'hf:{spec}' names no dataset: use hf:NAME[:CONFIG][@SPLIT]")
     dataset = _load_hf_dataset(name, config or None, split)
