@@ -256,3 +256,103 @@ def test_dense_and_moe_checkpoints_do_not_cross_load(tmp_path, src_moe, dst_moe,
                       moe_cfg(**dense))
     with pytest.raises(CheckpointError, match=f"does not fit this {kind} config"):
         load_model_weights(path, dst)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hugging Face export / import
+
+
+def _perturbed(cfg: ModelConfig) -> Transformer:
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.uniform_(0.5, 1.5)  # norms away from 1, so a dropped norm weight would show
+        for layer in moe_layers(model):
+            layer.router.weight.normal_(0, 0.5)  # decisive routing: every expert is used
+    return model.eval()
+
+
+@pytest.mark.parametrize("family, spec, extra", [
+    ("qwen2_moe", {}, {}),
+    ("qwen2_moe", {"shared_expert_hidden": 24}, {"tie_embeddings": True}),
+    ("qwen2_moe", {"shared_expert_hidden": 16, "renormalize": True}, {"n_kv_heads": 2}),
+    ("mixtral", {"renormalize": True}, {"n_kv_heads": 1, "norm_affine": False}),
+    ("qwen3_moe", {"top_k": 1}, {"qk_norm": True, "rope_theta": 500.0}),
+    ("qwen3_moe", {"renormalize": True, "num_experts": 8, "top_k": 3}, {"qk_norm": True}),
+])
+def test_export_and_import_keep_logits(family, spec, extra):
+    from transformers import AutoModelForCausalLM
+
+    from depthlab.model.hf_moe import export_moe_state, import_moe
+
+    cfg = moe_cfg(n_layers=2, **spec)
+    for key, value in extra.items():
+        setattr(cfg, key, value)
+    model = _perturbed(cfg)
+    hf_config, state = export_moe_state(model, cfg)
+    assert hf_config.model_type == family
+    hf = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    assert not unexpected and missing == (["lm_head.weight"] if cfg.tie_embeddings else [])
+    if cfg.tie_embeddings:
+        hf.tie_weights()
+    hf.eval()
+    ids = torch.randint(0, 61, (2, 16))
+    with torch.no_grad():
+        ours, theirs = model(ids).logits, hf(ids).logits
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
+
+    cfg2, state2 = import_moe(hf)
+    assert cfg2.moe.shared_expert_hidden == cfg.moe.shared_expert_hidden
+    assert cfg2.moe.renormalize == cfg.moe.renormalize and cfg2.qk_norm == cfg.qk_norm
+    back = Transformer(cfg2)
+    back.load_state_dict(state2, strict=not cfg.tie_embeddings)
+    with torch.no_grad():
+        torch.testing.assert_close(back.eval()(ids).logits, ours, rtol=0, atol=1e-4)
+
+
+def test_saved_export_reloads_with_transformers(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from depthlab.model.hf_moe import export_moe_state
+
+    cfg = moe_cfg(shared_expert_hidden=16)
+    model = _perturbed(cfg)
+    hf_config, state = export_moe_state(model, cfg)
+    hf = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+    hf.load_state_dict(state)
+    hf.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    ids = torch.randint(0, 61, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=1e-4)
+
+
+def test_unmappable_moe_configs_and_models_are_refused():
+    from transformers import AutoModelForCausalLM, OlmoeConfig, Qwen2MoeConfig
+
+    from depthlab.errors import ModelLoadError
+    from depthlab.model.hf_moe import export_moe_state, import_moe
+
+    cfg = moe_cfg(shared_expert_hidden=16)
+    cfg.qk_norm = True
+    with pytest.raises(ModelLoadError, match=r"model.qk_norm.*model.moe.shared_expert_hidden"):
+        export_moe_state(Transformer(cfg), cfg)
+    small = {"vocab_size": 32, "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+             "num_key_value_heads": 2, "intermediate_size": 16, "max_position_embeddings": 16}
+    olmoe = AutoModelForCausalLM.from_config(OlmoeConfig(**small, num_experts=4, num_experts_per_tok=2))
+    with pytest.raises(ModelLoadError, match="OLMoE"):
+        import_moe(olmoe)
+    gated = AutoModelForCausalLM.from_config(Qwen2MoeConfig(**small, moe_intermediate_size=8, num_experts=4,
+                                                            num_experts_per_tok=2, qkv_bias=False,
+                                                            shared_expert_intermediate_size=8))
+    with torch.no_grad():
+        gated.model.layers[0].mlp.shared_expert_gate.weight.fill_(0.1)
+    with pytest.raises(ModelLoadError, match="nonzero gate"):
+        import_moe(gated)
+    biased = AutoModelForCausalLM.from_config(Qwen2MoeConfig(**small, moe_intermediate_size=8, num_experts=4,
+                                                             num_experts_per_tok=2, qkv_bias=True))
+    with pytest.raises(ModelLoadError, match="biased attention"):
+        import_moe(biased)

@@ -52,14 +52,19 @@ def _to_hf_name(name: str) -> str:
     return f"model.layers.{index}.{_BLOCK_MAP[rest]}"
 
 
+def common_config(cfg: ModelConfig) -> dict:
+    """HF config fields shared by every family depthlab exports to (dense and MoE)."""
+    return {"vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers,
+            "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim,
+            "max_position_embeddings": cfg.seq_len, "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
+            "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": "silu", "bos_token_id": None,
+            "eos_token_id": None, "intermediate_size": cfg.hidden}
+
+
 def _hf_config(cfg: ModelConfig):
     from transformers import LlamaConfig, Qwen3Config
 
-    common = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
-                  num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads, head_dim=cfg.head_dim,
-                  max_position_embeddings=cfg.seq_len, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
-                  tie_word_embeddings=cfg.tie_embeddings, hidden_act="silu", bos_token_id=None, eos_token_id=None,
-                  intermediate_size=cfg.hidden)
+    common = common_config(cfg)
     if cfg.qk_norm:
         return Qwen3Config(**common, attention_bias=False, use_sliding_window=False)
     return LlamaConfig(**common, attention_bias=False, mlp_bias=False)
