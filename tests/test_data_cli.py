@@ -52,7 +52,7 @@ def test_data_without_an_action_shows_usage(capsys):
 
 
 @pytest.mark.parametrize("case", ["missing corpus", "empty corpus", "unreadable file", "missing tokenizer",
-                                  "vocab too small", "not a dataset"])
+                                  "vocab too small", "not a dataset", "no output folder"])
 def test_bad_input_is_one_line_and_exit_2(case, corpus, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "blank.txt").write_text("  \n")
@@ -65,8 +65,9 @@ def test_bad_input_is_one_line_and_exit_2(case, corpus, tmp_path, capsys):
                               "does not exist"),
         "vocab too small": (["--source", corpus, "--vocab-size", 100], "too small"),
         "not a dataset": (["--source", corpus, "--out", tmp_path / "empty"], "not a prepared dataset"),
+        "no output folder": (["--source", corpus], "output folder is required"),
     }[case]
-    if "--out" not in args:
+    if "--out" not in args and case != "no output folder":
         args += ["--out", tmp_path / "out"]
     assert prepare(*args) == 2
     one_line_error(capsys, message)

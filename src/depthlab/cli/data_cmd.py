@@ -2,28 +2,28 @@
 
 from __future__ import annotations
 
-import argparse
-
 
 def register(sub, help_: str) -> None:
     p = sub.add_parser("data", help=help_, description="Prepare token shards from a corpus, or describe a "
                        "prepared dataset folder.")
     actions = p.add_subparsers(dest="action", metavar="ACTION", parser_class=type(p))
     prep = actions.add_parser("prepare", help="tokenize a corpus into train/val token shards",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                               description="Tokenize a corpus into train.bin/val.bin (split by document), with its "
                               "tokenizer and meta.json. Re-running with the same settings is a no-op.")
-    prep.add_argument("--source", default="shakespeare",
-                      help="'shakespeare' (bundled), a .txt/.jsonl/.parquet file or folder, or "
+    prep.add_argument("--source", default="shakespeare", metavar="shakespeare|PATH|hf:NAME",
+                      help="'shakespeare' (bundled, default), a .txt/.jsonl/.parquet file or folder, or "
                       "hf:NAME[:CONFIG][@SPLIT] (a Hugging Face dataset name or local path)")
-    prep.add_argument("--tokenizer", default="bpe",
-                      help="'bpe' (train a byte-level BPE), or a tokenizer.json, tokenizer folder or hub id")
-    prep.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size (with --tokenizer bpe)")
-    prep.add_argument("--val-fraction", type=float, default=0.05, help="share of documents held out")
-    prep.add_argument("--seed", type=int, default=0, help="seed of the train/validation split")
-    prep.add_argument("--text-field", default="text", help="JSONL field / parquet or dataset column of the text")
-    prep.add_argument("--out", default=None,
-                      help="output folder (default for the bundled corpus with bpe: the depthlab cache)")
+    prep.add_argument("--tokenizer", default="bpe", metavar="bpe|PATH|HUB_ID",
+                      help="'bpe' (train a byte-level BPE, default), or a tokenizer.json, tokenizer folder or hub id")
+    prep.add_argument("--vocab-size", type=int, default=4096, metavar="N",
+                      help="BPE vocabulary size (default 4096)")
+    prep.add_argument("--val-fraction", type=float, default=0.05, metavar="F",
+                      help="share of documents held out (default 0.05)")
+    prep.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the train/validation split")
+    prep.add_argument("--text-field", default="text", metavar="F",
+                      help="JSONL field / parquet or dataset column of the text (default 'text')")
+    prep.add_argument("--out", default=None, metavar="DIR",
+                      help="output folder (may be omitted for the bundled corpus with bpe: then the depthlab cache)")
     prep.add_argument("--overwrite", action="store_true", help="replace a folder holding a different dataset")
     info = actions.add_parser("info", help="describe a prepared dataset folder",
                               description="Print what a prepared dataset folder holds.")
