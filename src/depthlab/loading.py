@@ -99,10 +99,13 @@ def _load_hf(ref: str, device, dtype, trust_remote_code: bool, *, local: bool, *
     try:
         model = AutoModelForCausalLM.from_pretrained(ref, dtype=dtype, trust_remote_code=trust_remote_code,
                                                      use_safetensors=None if extra else True, **extra)
-        tokenizer = AutoTokenizer.from_pretrained(ref, trust_remote_code=trust_remote_code, **extra)
     except OSError as e:
         raise ModelLoadError(f"cannot load {where}: {_first_line(e)} (depthlab reads weights only from "
                              "safetensors)") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(ref, trust_remote_code=trust_remote_code, **extra)
+    except (OSError, ValueError) as e:  # ValueError: no tokenizer.json and no slow tokenizer to convert
+        raise ModelLoadError(f"{where} has no usable tokenizer (tokenizer.json missing?): {_first_line(e)}") from None
     model.to(device).eval()
     model.source_path = ref
     return model, tokenizer
