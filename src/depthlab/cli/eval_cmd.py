@@ -1,5 +1,71 @@
-"""`depthlab eval`: not available yet (the evaluation issue)."""
+"""`depthlab eval`: perplexity and zero-shot downstream accuracy of any model (a thin layer over depthlab.eval)."""
 
-from depthlab.cli import not_available
+from __future__ import annotations
 
-register = not_available("eval", "the evaluation issue")
+import sys
+
+from depthlab.eval.tasks import TASKS
+
+
+def register(sub, help_: str) -> None:
+    p = sub.add_parser(
+        "eval", help=help_,
+        description="Zero-shot multiple-choice accuracy (acc, acc_norm, standard errors, macro average) with "
+                    "lm-evaluation-harness's prompt formats, and perplexity / bits-per-byte on held-out text. "
+                    f"Tasks: {', '.join(TASKS)}.",
+        epilog="examples: depthlab eval smollm2 --tasks piqa,arc_easy --limit 200 | "
+               "depthlab eval runs/l8 --tasks all --ppl-data shakespeare --out results/l8")
+    p.add_argument("model", help="model to load: alias (smollm2), depthlab run folder, HF folder or hub id, GGUF file")
+    p.add_argument("--tasks", help="comma-separated task names or 'all' (default: all, unless only --ppl-data is "
+                   "given)")
+    p.add_argument("--limit", type=int, help="score only the first N examples of each task (a fixed subset)")
+    p.add_argument("--ppl-data", help="also measure perplexity on: 'shakespeare' (bundled held-out plays), a "
+                   "prepared dataset folder (its val split), or a .txt/.jsonl/.parquet file")
+    p.add_argument("--ppl-context", type=int, help="perplexity window in tokens (default: the model's context)")
+    p.add_argument("--ppl-stride", type=int, help="how far perplexity windows advance (default: the window, i.e. "
+                   "no overlap)")
+    p.add_argument("--batch-size", type=int, default=32, help="rows per forward pass (default 32)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="load the model in this dtype (default: as "
+                   "stored; GGUF loads as fp32)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--out", help="folder for results.json (and samples_<task>.jsonl with --log-samples)")
+    p.add_argument("--log-samples", action="store_true", help="also write each example's log-likelihoods")
+    p.add_argument("--backend", choices=["depthlab", "lm-eval"], default="depthlab",
+                   help="scorer: depthlab's (default) or lm-evaluation-harness on the same model and data")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own Python code")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from depthlab.errors import EvalError
+    from depthlab.eval import evaluate, format_table, save_results
+    from depthlab.eval.tasks import resolve_tasks
+
+    tasks = args.tasks or (None if args.ppl_data else "all")
+    if tasks is not None:
+        resolve_tasks(tasks)  # fail on a bad task name before spending time loading the model
+    if args.limit is not None and args.limit < 1:
+        raise EvalError(f"--limit must be a positive number of examples, got {args.limit}")
+    if args.log_samples and not args.out:
+        raise EvalError("--log-samples writes files: give --out DIR")
+    if args.backend == "lm-eval" and args.ppl_data:
+        raise EvalError("--ppl-data is measured by the depthlab backend only; drop --backend lm-eval")
+
+    from depthlab.loading import load_model
+
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype,
+                                  trust_remote_code=args.trust_remote_code)
+    progress = sys.stderr.isatty()
+    if args.backend == "lm-eval":
+        from depthlab.eval.lmeval import evaluate_lmeval
+
+        results = evaluate_lmeval(model, tokenizer, tasks, limit=args.limit, batch_size=args.batch_size,
+                                  log_samples=args.log_samples)
+    else:
+        results = evaluate(model, tokenizer, tasks, limit=args.limit, batch_size=args.batch_size,
+                           ppl_data=args.ppl_data, ppl_context=args.ppl_context, ppl_stride=args.ppl_stride,
+                           log_samples=args.log_samples, progress=progress, model_name=args.model)
+    print(format_table(results))
+    if args.out:
+        print(f"wrote {save_results(results, args.out)}")
+    return 0

@@ -18,6 +18,7 @@ import numpy as np
 
 from depthlab import __version__
 from depthlab.errors import EvalError
+from depthlab.loading import weights_hash
 from depthlab.eval.perplexity import perplexity
 from depthlab.eval.scorer import loglikelihoods, model_device
 from depthlab.eval.tasks import data_path, load_examples, resolve_tasks
@@ -105,6 +106,7 @@ def evaluate(model, tokenizer, tasks: str | list[str] | None = "all", *, limit: 
         "groups": {"average": _macro_average(per_task)} if per_task else {},
         "n-samples": counts,
         "config": {"model": model_name or type(model).__name__, "model_class": type(model).__name__,
+                   "weights_sha256": weights_hash(model),
                    "dtype": str(param.dtype).removeprefix("torch."), "device": str(model_device(model)),
                    "batch_size": batch_size, "limit": limit, "num_fewshot": 0},
         "depthlab_version": __version__,
@@ -130,9 +132,10 @@ def save_results(results: dict, out_dir: str | Path) -> Path:
         raise EvalError(f"cannot create output folder {out}: {e.strerror or e}") from None
     body = {k: v for k, v in results.items() if k != "samples"}
     for task, rows in results.get("samples", {}).items():
-        atomic_write_text(out / f"samples_{task}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        atomic_write_text(out / f"samples_{task}.jsonl",
+                          "".join(json.dumps(r, default=str) + "\n" for r in rows))
     path = out / "results.json"
-    atomic_write_text(path, json.dumps(body, indent=2) + "\n")
+    atomic_write_text(path, json.dumps(body, indent=2, default=str) + "\n")  # str: lm-eval's config objects
     return path
 
 
