@@ -18,10 +18,10 @@ import numpy as np
 
 from depthlab import __version__
 from depthlab.errors import EvalError
-from depthlab.loading import weights_hash
 from depthlab.eval.perplexity import perplexity
 from depthlab.eval.scorer import loglikelihoods, model_device
 from depthlab.eval.tasks import data_path, load_examples, resolve_tasks
+from depthlab.loading import weights_hash
 
 METRICS = ("acc", "acc_norm")
 

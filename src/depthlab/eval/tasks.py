@@ -13,10 +13,10 @@ installed depthlab evaluates offline.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Callable
 
 from depthlab.errors import EvalError
 
@@ -179,15 +179,14 @@ def data_path(task: str) -> Path:
     return Path(str(resources.files("depthlab.eval").joinpath("data", TASKS[task].filename)))
 
 
-def load_examples(task: str, limit: int | None = None, path: str | Path | None = None) -> list[Example]:
+def load_examples(task: str, limit: int | None = None) -> list[Example]:
     """The first ``limit`` examples of ``task`` (all when ``limit`` is None), in file order.
 
-    ``path`` replaces the bundled file (same fields). A line that is not JSON, or lacks a field the prompt needs,
-    raises EvalError naming the file and the line.
+    A line that is not JSON, or lacks a field the prompt needs, raises EvalError naming the file and the line.
     """
     if limit is not None and limit < 1:
         raise EvalError(f"limit must be a positive number of examples, got {limit}")
-    path = Path(path) if path is not None else data_path(task)
+    path = data_path(task)
     build = TASKS[task].build
     examples: list[Example] = []
     try:
