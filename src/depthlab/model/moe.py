@@ -180,10 +180,11 @@ def batch_routing(model: nn.Module, micro_batches: Sequence[torch.Tensor],
 
     Cost: one no-grad forward over `micro_batches` (the same micro-batch shapes the training passes use, so the
     routing decisions are the same ones), plus one all-reduce of L×(E+1) numbers under data parallelism. `model`
-    is the bare Transformer (under FSDP2 its own forward gathers the shards).
+    is the bare Transformer (under FSDP2 its own forward gathers the shards). A single micro-batch needs no
+    pre-pass: its own forward sees the whole (rank's) batch, and the counts are all-reduced inside it.
     """
     layers = moe_layers(model)
-    if not layers:
+    if not layers or len(micro_batches) == 1:
         yield
         return
     counts = torch.zeros(len(layers), layers[0].num_experts + 1, dtype=torch.float64, device=micro_batches[0].device)

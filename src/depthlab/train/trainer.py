@@ -22,9 +22,11 @@ from depthlab import __version__
 from depthlab import config as cfgmod
 from depthlab.config import Config
 from depthlab.errors import CheckpointError, ConfigError, TrainingError
+from depthlab.model.moe import batch_routing
 from depthlab.model.params import param_counts
 from depthlab.model.transformer import Transformer
 from depthlab.train import checkpoint as ckpt
+from depthlab.train import sparsity
 from depthlab.train.distributed import Dist
 from depthlab.train.optim import build_optimizer, lr_at
 from depthlab.train.stats import LayerStats, block_norms
@@ -176,6 +178,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: Dist) -> TrainResult:
     from depthlab.data import sample_batch
 
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.dtype == "bf16")
+    probe = _attention_probe(val_tokens, cfg, device) if t.stats_attention else None
     tokens_per_step = t.batch_size * cfg.model.seq_len
     step, loss_value, val_loss = start_step, float("nan"), None
     bar = tqdm(total=t.max_steps, initial=start_step, disable=not (dist.is_main and cfg.logging.progress),
@@ -191,16 +194,20 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: Dist) -> TrainResult:
                             rank=dist.rank, world_size=dist.world_size)
         x, y = x.to(device), y.to(device)
         loss_sum = torch.zeros((), device=device)
-        for m in range(n_micro):
-            xs, ys = x[m * micro:(m + 1) * micro], y[m * micro:(m + 1) * micro]
-            with dist.no_sync(train_model, last=m == n_micro - 1), autocast:
-                if stats is not None:
-                    with stats.attached(model):
-                        out = train_model(xs, ys, final_norm_stats=stats)
-                else:
-                    out = train_model(xs, ys)
-                (out.loss / n_micro).backward()
-            loss_sum += out.loss.detach() / n_micro
+        aux_sum = torch.zeros((), device=device)
+        # MoE load balancing uses the whole batch's expert counts in every micro-batch (exact accumulation).
+        with batch_routing(model, x.split(micro), autocast):
+            for m in range(n_micro):
+                xs, ys = x[m * micro:(m + 1) * micro], y[m * micro:(m + 1) * micro]
+                with dist.no_sync(train_model, last=m == n_micro - 1), autocast:
+                    if stats is not None:
+                        with stats.attached(model):
+                            out = train_model(xs, ys, final_norm_stats=stats)
+                    else:
+                        out = train_model(xs, ys)
+                    (out.loss / n_micro).backward()
+                loss_sum += out.loss.detach() / n_micro
+                aux_sum += out.aux_loss.detach() / n_micro
         grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optimizer.grad_clip)
                      if cfg.optimizer.grad_clip else _grad_norm(model))
         loss_sum = dist.mean(loss_sum)
@@ -208,7 +215,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: Dist) -> TrainResult:
             last = ckpt.list_checkpoints(ckpt_dir)
             where = f"last good checkpoint: {last[-1]}" if last else "no checkpoint was saved yet"
             raise TrainingError(f"non-finite loss or gradient at step {step + 1}; stopping ({where})")
-        extra = block_norms(model, grads=True) if stats is not None and t.stats_grad_norms else None
+        extra = _optional_stats(model, t, probe) if stats is not None else None
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -223,8 +230,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: Dist) -> TrainResult:
             tok_s = window_steps * tokens_per_step / max(elapsed, 1e-9)
             record = {"step": step, "tokens": step * tokens_per_step, "loss": loss_value, "lr": lr,
                       "grad_norm": float(grad_norm), "tokens_per_s": tok_s}
-            if out.aux_loss is not None and cfg.model.moe.num_experts:
-                record["aux_loss"] = float(out.aux_loss)
+            if cfg.model.moe.num_experts:
+                record["aux_loss"] = dist.mean(aux_sum).item()
             metrics.write(record)
             for w in writers:
                 w(record, step)
@@ -252,6 +259,26 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: Dist) -> TrainResult:
         print(f"done: {run_dir} (step {step}, train loss {loss_value:.4f}"
               f"{f', val loss {val_loss:.4f}' if val_loss is not None else ''})")
     return TrainResult(run_dir, step, loss_value, val_loss, step * tokens_per_step)
+
+
+def _attention_probe(val_tokens, cfg: Config, device) -> torch.Tensor:
+    """The fixed probe batch of the attention statistics: the first validation windows, the same at every step."""
+    from depthlab.data import eval_batches
+
+    x, _ = next(eval_batches(val_tokens, sparsity.ATTENTION_PROBE_SEQUENCES, cfg.model.seq_len, 1))
+    return x.to(device)
+
+
+def _optional_stats(model: Transformer, t, probe: torch.Tensor | None) -> list[dict] | None:
+    """The optional per-block statistics (gradient norms, weight sparsity, attention sparsity), one dict per block."""
+    parts = []
+    if t.stats_grad_norms:
+        parts.append(block_norms(model, grads=True))
+    if t.stats_weight_sparsity:
+        parts.append(sparsity.weight_sparsity_by_block(model))
+    if t.stats_attention:
+        parts.append(sparsity.attention_sparsity_by_layer(model, probe))
+    return [{k: v for d in per_block for k, v in d.items()} for per_block in zip(*parts)] if parts else None
 
 
 def _grad_norm(model: torch.nn.Module) -> torch.Tensor:
