@@ -1,0 +1,70 @@
+"""`depthlab eval` end to end on a tiny Hugging Face folder; bad inputs give one line and exit code 2."""
+
+import json
+
+import pytest
+
+from depthlab.cli import main
+from depthlab.eval import tasks as tasks_mod
+
+from .conftest import tiny_llama
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory, tokenizer):
+    root = tmp_path_factory.mktemp("models")
+    model = tiny_llama(len(tokenizer))
+    model.save_pretrained(root / "tiny")
+    tokenizer.save_pretrained(root / "tiny")
+    model.save_pretrained(root / "no_tokenizer")
+    return root
+
+
+def run_cli(capsys, *argv):
+    code = main(["eval", *map(str, argv)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def error_line(err: str) -> str:
+    """The one error line (transformers' loading progress bars may come before it)."""
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("depthlab eval: error: ")
+    return line
+
+
+def test_eval_writes_results_and_samples(model_dirs, tmp_path, capsys):
+    text = tmp_path / "held_out.txt"
+    text.write_text("The whale breathes air. " * 20)
+    code, out, err = run_cli(capsys, model_dirs / "tiny", "--tasks", "copa,arc_easy", "--limit", 3, "--ppl-data",
+                             text, "--out", tmp_path / "res", "--log-samples", "--batch-size", 4)
+    assert code == 0, err
+    assert "copa" in out and "average" in out and "perplexity" in out
+    results = json.loads((tmp_path / "res" / "results.json").read_text())
+    assert set(results["results"]) == {"copa", "arc_easy"}
+    assert results["perplexity"]["tokens"] > 0 and results["config"]["model"] == str(model_dirs / "tiny")
+    assert len((tmp_path / "res" / "samples_arc_easy.jsonl").read_text().splitlines()) == 3
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--tasks", "piqa,hellaswag"], "unknown task(s) hellaswag; valid tasks: arc_easy"),
+    (["--tasks", "piqa", "--limit", "0"], "--limit must be a positive number"),
+    (["--tasks", "piqa", "--log-samples"], "--log-samples writes files: give --out DIR"),
+])
+def test_bad_arguments(model_dirs, capsys, argv, message):
+    code, _out, err = run_cli(capsys, model_dirs / "tiny", *argv)
+    assert code == 2 and message in error_line(err)
+
+
+def test_model_without_tokenizer(model_dirs, capsys):
+    code, _out, err = run_cli(capsys, model_dirs / "no_tokenizer", "--tasks", "copa", "--limit", 1)
+    assert code == 2 and "tokenizer" in error_line(err)
+
+
+def test_malformed_task_file(model_dirs, capsys, monkeypatch, tmp_path):
+    bad = tmp_path / "copa.jsonl"
+    bad.write_text('{"premise": "It rained.", "choice1": "a", "choice2": "b", "question": "effect", "label": 0}\n'
+                   '{"premise": "It rained."}\n')
+    monkeypatch.setattr(tasks_mod, "data_path", lambda task: bad)
+    code, _out, err = run_cli(capsys, model_dirs / "tiny", "--tasks", "copa")
+    assert code == 2 and f"{bad}:2: malformed copa document" in error_line(err)
