@@ -33,9 +33,6 @@ class CausalEffects(Result):
     per_skip_mean: list[float]
     """Mean over l > s of C[s][l] for each skipped block s (NaN for the last block)."""
 
-    def per_layer(self) -> dict[str, list]:
-        return {"per_skip_mean": self.per_skip_mean}
-
 
 def causal_effects(model, input_ids, *, micro_batch_size: int = 8, cache_budget_mb: float = 2048.0,
                    engine: Engine | None = None, progress: bool = False) -> CausalEffects:
@@ -53,7 +50,7 @@ def causal_effects(model, input_ids, *, micro_batch_size: int = 8, cache_budget_
                 den[l] += norms[l].sum()
 
             for s in range(L):
-                def record(position, x, y, s=s):
+                def record(position, x, y, s=s, deltas=deltas, norms=norms):
                     diff = _token_norm((y - x) - deltas[position])
                     num[s, position] += diff.sum()
                     rel = torch.where(norms[position] > 0, diff / norms[position].clamp_min(1e-300),

@@ -44,9 +44,6 @@ class JacobianResult(Result):
     probes: int
     tokens: int
 
-    def per_layer(self) -> dict[str, list]:
-        return {k: [row.get(k) for row in self.layers] for k in self.layers[0]}
-
 
 def _cast(x):
     if isinstance(x, torch.Tensor) and x.is_floating_point():

@@ -36,10 +36,6 @@ class MoEStats(Result):
     top_k: int
     num_experts: int
 
-    def per_layer(self) -> dict[str, list]:
-        return {"imbalance": self.imbalance, "balance": self.balance, "router_entropy": self.router_entropy,
-                "branch_importance": self.branch_importance}
-
 
 def moe_stats(model, input_ids, *, micro_batch_size: int = 8, cache_budget_mb: float = 2048.0,
               engine: Engine | None = None, progress: bool = False) -> MoEStats:

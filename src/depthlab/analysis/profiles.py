@@ -47,10 +47,6 @@ class VarianceProfile(Result):
     """Feature variance after the final norm (not "last-layer variance": that is out_var[-1])."""
     tokens: int
 
-    def per_layer(self) -> dict[str, list]:
-        return {k: getattr(self, k) for k in ("out_var", "attn_var", "ffn_var", "attn_norm", "ffn_norm",
-                                              "stream_norm", "relative_update")}
-
 
 def variance_profile(model, input_ids, *, micro_batch_size: int = 8, cache_budget_mb: float = 2048.0,
                      engine: Engine | None = None, progress: bool = False) -> VarianceProfile:
@@ -95,8 +91,6 @@ class AngularDistance(Result):
     last_token_only: bool
     tokens: int
 
-    def per_layer(self) -> dict[str, list]:
-        return {"angular_distance": self.angular_distance, "block_influence": self.block_influence}
 
     def best_window(self, n: int) -> dict:
         return self.best_windows[n - 1]

@@ -66,9 +66,6 @@ class Usefulness(Result):
     fit_tokens: int
     eval_tokens: int
 
-    def per_layer(self) -> dict[str, list]:
-        return {"loss_ratio": self.loss_ratios, "useful": self.useful, "replaced_loss": self.replaced_losses}
-
 
 def fit_affine_maps(engine: Engine, progress: bool = False) -> list[AffineMap]:
     """One streaming pass over the engine's baselines: least-squares maps h_l → h_{l+1} for every block."""

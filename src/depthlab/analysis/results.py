@@ -35,6 +35,3 @@ class Result:
     def to_dict(self) -> dict:
         return to_jsonable(self)
 
-    def per_layer(self) -> dict[str, list]:
-        """Columns of equal length n_layers (written as the metric's CSV); metrics override what applies."""
-        return {}

@@ -33,9 +33,6 @@ class WeightSparsity(Result):
     abs_eps: float
     histogram_edges: list[float]
 
-    def per_layer(self) -> dict[str, list]:
-        return {"hoyer": self.per_layer_hoyer}
-
 
 def hoyer(w: torch.Tensor) -> float:
     """(sqrt(n) − ||w||₁/||w||₂) / (sqrt(n) − 1): 0 for a constant-magnitude vector, 1 for a single non-zero."""
@@ -90,12 +87,6 @@ class AttentionSparsity(Result):
     layer_entropy: list[float]
     layer_normalized_entropy: list[float]
     layer_effective_support: list[float]
-
-    def per_layer(self) -> dict[str, list]:
-        return {"entropy": self.layer_entropy, "normalized_entropy": self.layer_normalized_entropy,
-                "effective_support": self.layer_effective_support,
-                "top1_mass": [sum(r) / len(r) for r in self.top1_mass],
-                "top8_mass": [sum(r) / len(r) for r in self.top8_mass]}
 
 
 def attention_probs(q, k, attn_mask=None, is_causal=False, scale=None, enable_gqa=False) -> torch.Tensor:

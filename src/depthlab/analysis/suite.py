@@ -9,9 +9,9 @@ from depthlab.analysis.interventions import causal_effects, permutation_scores
 from depthlab.analysis.jacobians import jacobian
 from depthlab.analysis.moe import moe_stats
 from depthlab.analysis.profiles import angular_distance, variance_profile
+from depthlab.analysis.replacement import usefulness
 from depthlab.analysis.results import Result
 from depthlab.analysis.sparsity import attention_sparsity, weight_sparsity
-from depthlab.analysis.replacement import usefulness
 from depthlab.errors import AnalysisError
 
 METRICS: dict[str, Callable] = {

@@ -1,5 +1,62 @@
-"""`depthlab analyze`: not available yet (the analysis issue)."""
+"""`depthlab analyze MODEL`: layer-effectiveness and sparsity metrics → results.json, CSVs, plots, a summary."""
 
-from depthlab.cli import not_available
+from __future__ import annotations
 
-register = not_available("analyze", "the analysis issue")
+import argparse
+import json
+
+from depthlab.analysis.runner import CLI_METRICS, format_summary, run_analysis
+
+
+def register(sub, help_: str) -> None:
+    p = sub.add_parser(
+        "analyze", help=help_, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=f"{help_}.\n\nMODEL is a depthlab run or checkpoint folder, a Hugging Face folder or hub id, a "
+        ".gguf file, or 'smollm2'. Defaults are sized for a CPU: 8 sequences x 128 tokens in fp32 finish the default "
+        "metrics on SmolLM2 (30 blocks) in a few minutes on 2 cores (bf16 matmuls are slower than fp32 on most "
+        "CPUs; bf16 is the default on CUDA). The Python API (depthlab.analyze) uses SPEC defaults (64x512). "
+        "Finished metrics are saved as they complete: rerunning the same command resumes.",
+        epilog=f"default metrics: {','.join(CLI_METRICS)} (moe only for MoE models; permutation over adjacent "
+        "pairs). 'all' adds jacobian (Rademacher estimate). Options per metric: --option usefulness.tau=0.2")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("--metrics", default=None, help="comma-separated metric names, or 'all' (default: see below)")
+    p.add_argument("--data", default=None, help="calibration text: a file/folder or prepared dataset "
+                   "(default: held-out Shakespeare)")
+    p.add_argument("--num-samples", type=int, default=8, help="sequences N (default 8)")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence T (default 128)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="model dtype (default fp32 on CPU)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--micro-batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
+    p.add_argument("--option", action="append", default=[], metavar="METRIC.KEY=VALUE",
+                   help="a metric option, value parsed as JSON when possible (repeatable)")
+    p.add_argument("--out", default="analysis", help="output folder (default ./analysis)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def parse_options(items: list[str]) -> dict[str, dict]:
+    from depthlab.errors import AnalysisError
+
+    options: dict[str, dict] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        metric, dot, name = key.partition(".")
+        if not sep or not dot or not metric or not name:
+            raise AnalysisError(f"--option expects METRIC.KEY=VALUE, got {item!r}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        options.setdefault(metric, {})[name] = value
+    return options
+
+
+def run(args) -> int:
+    results = run_analysis(args.model, args.out, metrics=args.metrics, data=args.data, num_samples=args.num_samples,
+                           seq_len=args.seq_len, seed=args.seed, dtype=args.dtype, device=args.device,
+                           micro_batch_size=args.micro_batch_size, options=parse_options(args.option),
+                           progress=not args.no_progress)
+    print(format_summary(results))
+    print(f"results: {args.out}/results.json")
+    return 0
