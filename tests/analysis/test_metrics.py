@@ -171,14 +171,18 @@ def test_moe_stats_match_router_and_dropped_branch_reference(ids):
     got = moe_stats(model, ids, micro_batch_size=3)
     stack = BlockStack(model)
     counts = torch.zeros(3, 4)
-    handles = [stack.router(l).register_forward_hook(
-        lambda m, a, out, l=l: counts[l].add_(torch.bincount(out[2].flatten(), minlength=4).float()))
-        for l in range(3)]
+
+    def count(layer):
+        def hook(module, args, out):  # HF routers return (logits, scores, chosen expert indices)
+            counts[layer] += torch.bincount(out[2].flatten(), minlength=4).float()
+        return hook
+
+    handles = [stack.router(l).register_forward_hook(count(l)) for l in range(3)]
     base = full_loss(model, ids)
     for h in handles:
         h.remove()
     load = counts / counts.sum(1, keepdim=True)
-    assert torch.allclose(torch.tensor(got.load), load.double(), atol=1e-9)
+    assert torch.allclose(torch.tensor(got.load, dtype=torch.float64), load.double(), atol=1e-9)
     assert got.top_k == 2 and got.num_experts == 4
     assert got.imbalance == pytest.approx((load.max(1).values / load.mean(1)).tolist(), rel=1e-6)
     for l in range(3):
