@@ -47,7 +47,7 @@ def test_ints_are_accepted_for_floats_but_not_the_reverse():
     ({"model.norm": "sandwich"}, "model.norm must be one of pre|post|mix|peri"),
     ({"model.moe.num_experts": 4, "model.moe.top_k": 5}, "model.moe.top_k (5) must be between 1"),
     ({"trainer.batch_size": 32, "trainer.micro_batch_size": 5}, "divisible by trainer.micro_batch_size"),
-    ({"trainer.dtype": "fp16"}, "trainer.dtype must be bf16|fp32"),
+    ({"trainer.dtype": "fp16"}, "trainer.dtype must be auto|bf16|fp32"),
     ({"optimizer.lr": -1.0}, "optimizer.lr must be positive"),
 ])
 def test_bad_values_name_the_key(overrides, message):

@@ -159,8 +159,8 @@ class TrainerConfig:
     """Also log attention entropy / effective support per layer on a fixed probe batch (SPEC §5.7)."""
     seed: int = 0
     """Seed of the initialisation and of the data order."""
-    dtype: str = "bf16"
-    """Autocast dtype: bf16 (default; about 5x faster matmuls on CPU) or fp32."""
+    dtype: str = "auto"
+    """Autocast dtype: auto (bf16 on GPUs and CPUs with native bf16 units, else fp32) | bf16 | fp32."""
     device: str = "auto"
     """auto | cpu | cuda | cuda:N."""
     compile: bool = False
@@ -484,7 +484,7 @@ def validate(cfg: Config) -> Config:
     for key in ("eval_interval", "save_interval", "stats_interval", "eval_batches", "log_interval"):
         _check(getattr(t, key) >= 0, f"trainer.{key} must be >= 0, got {getattr(t, key)}")
     _check(t.keep_last >= 1, f"trainer.keep_last must be >= 1, got {t.keep_last}")
-    _check(t.dtype in ("bf16", "fp32"), f"trainer.dtype must be bf16|fp32, got '{t.dtype}'")
+    _check(t.dtype in ("auto", "bf16", "fp32"), f"trainer.dtype must be auto|bf16|fp32, got '{t.dtype}'")
     _check(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
            f"trainer.device must be auto|cpu|cuda[:N], got '{t.device}'")
     _check(cfg.data.vocab_size >= 256 + 2, f"data.vocab_size must be >= 258, got {cfg.data.vocab_size}")

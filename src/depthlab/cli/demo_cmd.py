@@ -1,5 +1,45 @@
-"""`depthlab demo`: not available yet (the foundation issue)."""
+"""`depthlab demo`: the embedded default, end to end, offline on a CPU.
 
-from depthlab.cli import not_available
+Prepares the bundled Shakespeare corpus, trains the `tiny` preset (resuming if interrupted, skipped if finished),
+plots its per-layer variance profile and prints a sample.
+"""
 
-register = not_available("demo", "the foundation issue")
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def register(sub, help_: str) -> None:
+    p = sub.add_parser("demo", help=help_, description="Run depthlab's main job on its embedded default: prepare "
+                       "the bundled corpus, train the tiny preset, plot its per-layer variance and sample from it. "
+                       "Rerunning resumes or skips finished work.")
+    p.add_argument("--out", default="runs/demo", help="demo folder (default: %(default)s)")
+    p.set_defaults(func=run, accepts_overrides=True)
+
+
+def run(args) -> int:
+    from depthlab.config import load_config
+    from depthlab.data import default_dataset
+    from depthlab.loading import load_model
+    from depthlab.model.generate import generate_text
+    from depthlab.train.checkpoint import list_checkpoints
+    from depthlab.train.plots import plot_variance_profile
+    from depthlab.train.trainer import train
+
+    out = Path(args.out)
+    print("[1/3] preparing the bundled Shakespeare corpus")
+    data = default_dataset()
+    print(f"      dataset: {data}")
+    cfg = load_config("tiny", args.overrides)
+    run_dir = out / "tiny"
+    done = list_checkpoints(run_dir / "checkpoints")
+    finished = bool(done) and int(done[-1].name.split("_")[1]) >= cfg.trainer.max_steps
+    print(f"[2/3] training the tiny preset into {run_dir}" + (" (already finished)" if finished else ""))
+    if not finished:
+        train(cfg, run_dir, resume=(run_dir / "config.yaml").exists())
+    plot = plot_variance_profile(run_dir)
+    print("[3/3] sampling")
+    model, tokenizer = load_model(run_dir)
+    print(generate_text(model, tokenizer, "ROMEO:", max_new_tokens=60, temperature=0.8))
+    print(f"\nresults: run {run_dir} (metrics.jsonl, layer_stats.jsonl, checkpoints/), variance plot {plot}")
+    return 0

@@ -1,5 +1,24 @@
-"""`depthlab export`: not available yet (the training issue)."""
+"""`depthlab export`: write a run as a standard Hugging Face model folder."""
 
-from depthlab.cli import not_available
+from __future__ import annotations
 
-register = not_available("export", "the training issue")
+
+def register(sub, help_: str) -> None:
+    p = sub.add_parser("export", help=help_, description="Export a depthlab run (latest checkpoint) or checkpoint "
+                       "folder to a standard Hugging Face folder (Llama; Qwen3 with QK-norm; an HF MoE family for "
+                       "MoE) that AutoModelForCausalLM.from_pretrained loads without custom code.")
+    p.add_argument("run", help="run folder or checkpoint folder")
+    p.add_argument("--out", required=True, help="output folder (replaced atomically)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from depthlab.errors import ModelLoadError
+    from depthlab.model.hf import export_hf
+    from depthlab.model.io import is_depthlab_path
+
+    if not is_depthlab_path(args.run):
+        raise ModelLoadError(f"{args.run} is not a depthlab run or checkpoint folder")
+    out = export_hf(args.run, args.out)
+    print(f"exported to {out}")
+    return 0

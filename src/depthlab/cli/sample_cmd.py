@@ -1,5 +1,28 @@
-"""`depthlab sample`: not available yet (the training issue)."""
+"""`depthlab sample`: generate text from a run, checkpoint, HF folder or GGUF file."""
 
-from depthlab.cli import not_available
+from __future__ import annotations
 
-register = not_available("sample", "the training issue")
+
+def register(sub, help_: str) -> None:
+    p = sub.add_parser("sample", help=help_, description="Generate text from a model (depthlab run or checkpoint, "
+                       "Hugging Face folder or hub id, GGUF file, or 'smollm2').")
+    p.add_argument("model", help="run folder, checkpoint folder, HF folder/hub id, .gguf file or 'smollm2'")
+    p.add_argument("--prompt", default="ROMEO:", help="text to continue (default: %(default)r)")
+    p.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy (default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from depthlab.errors import ConfigError
+    from depthlab.loading import load_model
+    from depthlab.model.generate import generate_text
+
+    if args.max_new_tokens < 1 or args.temperature < 0 or args.top_k < 0:
+        raise ConfigError("--max-new-tokens must be >= 1, --temperature and --top-k >= 0")
+    model, tokenizer = load_model(args.model)
+    print(generate_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k,
+                        args.seed))
+    return 0

@@ -43,8 +43,7 @@ def load_depthlab(path: str | Path, device: str | torch.device = "cpu", dtype: t
     ckpt.load_model_weights(checkpoint, model)
     model.to(device=device, dtype=dtype).eval()
     model.checkpoint_path = str(checkpoint)
-    tokenizer_file = run / "tokenizer.json"
-    if not tokenizer_file.exists():
+    if not (run / "tokenizer.json").exists():
         raise ModelLoadError(f"run {run} has no tokenizer.json")
-    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file), eos_token="<|endoftext|>")
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(run))
     return model, tokenizer

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from depthlab.errors import CheckpointError, ConfigError, TrainingError
 from depthlab.model.moe import batch_routing
 from depthlab.model.params import param_counts
 from depthlab.model.transformer import Transformer
+from depthlab.precision import resolve_dtype
 from depthlab.train import checkpoint as ckpt
 from depthlab.train import sparsity
 from depthlab.train.distributed import Dist
@@ -164,10 +164,11 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: Dist) -> TrainResult:
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         if not (run_dir / "tokenizer.json").exists():
-            shutil.copyfile(dataset.path / "tokenizer.json", run_dir / "tokenizer.json")
+            dataset.tokenizer().save_pretrained(run_dir)
         G = cfg.model.n_heads // cfg.model.kv_heads
         print(f"depthlab {__version__} | L={cfg.model.n_layers} d={cfg.model.d_model} G={G} "
               f"T={cfg.model.seq_len} | {counts.summary()} | {dist.world_size} rank(s) on {device} "
+              f"({str(resolve_dtype(t.dtype, device)).removeprefix('torch.')}) "
               f"| {'resuming at step ' + str(start_step) if start_step else 'from scratch'}")
     metrics = JsonlLog(run_dir / "metrics.jsonl", start_step if resume else None, dist.is_main)
     stats_log = JsonlLog(run_dir / "layer_stats.jsonl", start_step if resume else None, dist.is_main)
@@ -177,7 +178,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: Dist) -> TrainResult:
     val_tokens = dataset.split("val")
     from depthlab.data import sample_batch
 
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.dtype == "bf16")
+    compute_dtype = resolve_dtype(t.dtype, device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=compute_dtype == torch.bfloat16)
     probe = _attention_probe(val_tokens, cfg, device) if t.stats_attention else None
     tokens_per_step = t.batch_size * cfg.model.seq_len
     step, loss_value, val_loss = start_step, float("nan"), None
@@ -288,18 +290,19 @@ def _grad_norm(model: torch.nn.Module) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate_loss(model: Transformer, val_tokens, cfg: Config, micro: int, device, autocast, dist: Dist) -> float:
-    """Mean next-token loss over `eval_batches` fixed validation batches (identical at every evaluation)."""
-    from depthlab.data import sample_batch
+    """Mean next-token loss over the first `eval_batches` fixed validation batches (identical every time)."""
+    from depthlab.data import eval_batches
 
     model.eval()
-    total = torch.zeros((), device=device)
-    for i in range(cfg.trainer.eval_batches):
-        x, y = sample_batch(val_tokens, micro, cfg.model.seq_len, seed=10_000 + cfg.trainer.seed, step=i,
-                            rank=dist.rank, world_size=dist.world_size)
+    sums = torch.zeros(2, device=device, dtype=torch.float64)  # [loss sum, tokens]
+    for x, y in eval_batches(val_tokens, micro, cfg.model.seq_len, cfg.trainer.eval_batches * dist.world_size,
+                             rank=dist.rank, world_size=dist.world_size):
         with autocast:
-            total += model(x.to(device), y.to(device)).ce_loss
+            loss = model(x.to(device), y.to(device)).ce_loss
+        sums += torch.stack([loss.double() * y.numel(), torch.tensor(y.numel(), device=device)])
     model.train()
-    return dist.mean(total / cfg.trainer.eval_batches).item()
+    total = dist.mean(sums) * dist.world_size
+    return (total[0] / total[1]).item()
 
 
 def _external_writers(cfg: Config, run_dir: Path) -> list:
