@@ -51,6 +51,29 @@ def test_batch_size_and_order_do_not_change_scores(llama, tokenizer, requests):
     assert [s.logprob for s in shuffled] == pytest.approx([reference[i] for i in order], abs=1e-4)
 
 
+@pytest.mark.parametrize("pack", [True, False])
+def test_packed_and_unpacked_rows_agree(llama, tokenizer, requests, pack):
+    """One row per example (choices as masked segments) or one row per choice: the same numbers."""
+    reference = loglikelihoods(llama, tokenizer, requests, batch_size=4, pack=not pack)
+    got = loglikelihoods(llama, tokenizer, requests, batch_size=9, pack=pack)
+    assert [s.logprob for s in got] == pytest.approx([s.logprob for s in reference], abs=1e-4)
+    assert [s.greedy for s in got] == [s.greedy for s in reference]
+
+
+def test_packing_works_for_absolute_positions(tokenizer, all_task_requests):
+    """GPT-2 (learned absolute positions, its own attention code) scores packed rows like the brute force."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4,
+                                       n_positions=256)).eval()
+    requests = [r for r in all_task_requests if len(r[0]) < 300]
+    scores = loglikelihoods(model, tokenizer, requests, batch_size=5, pack=True)
+    for (context, continuation), score in zip(requests, scores):
+        assert score.logprob == pytest.approx(brute_force(model, tokenizer, context, continuation, 256)[0],
+                                              abs=1e-4, rel=1e-5)
+
+
 def test_truncation_keeps_the_last_tokens(llama, tokenizer):
     context, continuation = "lorem ipsum dolor " * 60, " sit amet"
     (score,) = loglikelihoods(llama, tokenizer, [(context, continuation)], max_length=32)
