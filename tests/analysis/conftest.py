@@ -13,8 +13,8 @@ V = 64
 
 
 def hf_config(family: str):
-    common = dict(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
-                  initializer_range=0.25, max_position_embeddings=32)
+    common = {"vocab_size": V, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 3,
+              "num_attention_heads": 4, "initializer_range": 0.25, "max_position_embeddings": 32}
     return {
         "llama": lambda: T.LlamaConfig(num_key_value_heads=2, **common),
         "qwen2": lambda: T.Qwen2Config(num_key_value_heads=2, **common),

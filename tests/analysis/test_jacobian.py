@@ -26,7 +26,7 @@ def reference_matrices(model, ids, layer):
         return out[0] if isinstance(out, tuple) else out
 
     J = torch.autograd.functional.jacobian(f, x).double()  # [B,T,d, B,T,d]
-    B, T, d = x.shape
+    B, T = x.shape[:2]
     summed = sum(J[b, :, :, b].sum(0) for b in range(B)).sum(1) / (B * T)  # Σ_t over outputs, Σ_s over inputs
     per_token = sum(J[b, t, :, b, t] for b in range(B) for t in range(T)) / (B * T)
     return summed, per_token

@@ -8,8 +8,15 @@ import math
 import pytest
 import torch
 
-from depthlab.analysis import (analyze, angular_distance, causal_effects, moe_stats, permutation_scores,
-                               usefulness, variance_profile)
+from depthlab.analysis import (
+    analyze,
+    angular_distance,
+    causal_effects,
+    moe_stats,
+    permutation_scores,
+    usefulness,
+    variance_profile,
+)
 from depthlab.analysis.engine import BlockStack
 from depthlab.analysis.replacement import AffineMap
 
