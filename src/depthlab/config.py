@@ -142,7 +142,7 @@ class TrainerConfig:
     eval_interval: int = 100
     """Steps between validation-loss evaluations (and at the end); 0 disables."""
     eval_batches: int = 8
-    """Validation batches (of micro_batch_size sequences) per evaluation."""
+    """Validation size in global batches: eval_batches × batch_size fixed windows from the start of the val split."""
     save_interval: int = 100
     """Steps between checkpoints (and at the end); 0 saves only at the end."""
     keep_last: int = 2

@@ -22,7 +22,7 @@ def test_stats_equal_direct_computation_on_captured_tensors():
     for h in hooks:
         h.remove()
     result = stats.finish()
-    assert result["tokens"] == 24
+    assert result["sample_tokens"] == 24
     for i, layer in enumerate(result["layers"]):
         out = torch.cat([first[i][1], captured[i][1]])
         x = torch.cat([first[i][0], captured[i][0]])

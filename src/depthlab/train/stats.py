@@ -76,7 +76,7 @@ class LayerStats:
                 b.stats = None
 
     def finish(self, extra_per_layer: list[dict] | None = None) -> dict:
-        """All-reduce (when distributed) and return ``{"tokens": N, "final_norm_var": v, "layers": [...]}``."""
+        """All-reduce (when distributed) and return ``{"sample_tokens": N, "final_norm_var": v, "layers": [...]}``."""
         parts = [self.sums.flatten(), self.final, self.tokens[None]]
         if self.routing is not None:
             parts.append(self.routing.sums.flatten())
@@ -98,7 +98,7 @@ class LayerStats:
                 entry.update(extra_per_layer[i])
             layers.append(entry)
         final_sum, final_tokens = values[n_layers * k:n_layers * k + 2]
-        return {"tokens": int(tokens), "final_norm_var": final_sum / max(final_tokens, 1), **summary,
+        return {"sample_tokens": int(tokens), "final_norm_var": final_sum / max(final_tokens, 1), **summary,
                 "layers": layers}
 
 

@@ -290,12 +290,14 @@ def _grad_norm(model: torch.nn.Module) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate_loss(model: Transformer, val_tokens, cfg: Config, micro: int, device, autocast, dist: Dist) -> float:
-    """Mean next-token loss over the first `eval_batches` fixed validation batches (identical every time)."""
+    """Mean next-token loss over the first `eval_batches` global batches of validation windows (fixed)."""
     from depthlab.data import eval_batches
 
     model.eval()
     sums = torch.zeros(2, device=device, dtype=torch.float64)  # [loss sum, tokens]
-    for x, y in eval_batches(val_tokens, micro, cfg.model.seq_len, cfg.trainer.eval_batches * dist.world_size,
+    # The same windows whatever the micro-batch size and number of ranks: eval_batches × batch_size of them.
+    n_windows = cfg.trainer.eval_batches * cfg.trainer.batch_size
+    for x, y in eval_batches(val_tokens, micro, cfg.model.seq_len, max_batches=n_windows // micro,
                              rank=dist.rank, world_size=dist.world_size):
         with autocast:
             loss = model(x.to(device), y.to(device)).ce_loss
