@@ -177,7 +177,7 @@ def test_layer_stats_report_routing_and_the_moe_branch():
     for h in hooks:
         h.remove()
     record = stats.finish()
-    assert record["tokens"] == 40 and 0 <= record["moe_diversity"] <= 1
+    assert record["sample_tokens"] == 40 and 0 <= record["moe_diversity"] <= 1
     for i, entry in enumerate(record["layers"]):
         load = torch.tensor(entry["moe_load"])
         assert load.sum().item() == pytest.approx(1.0) and (load > 0).any()
@@ -246,11 +246,11 @@ def test_bad_moe_configs_name_their_keys(moe, match):
 
 @pytest.mark.parametrize("src_moe, dst_moe, kind", [(True, False, "MoE"), (False, True, "MoE"), (True, True, "MoE")])
 def test_dense_and_moe_checkpoints_do_not_cross_load(tmp_path, src_moe, dst_moe, kind):
-    from depthlab.train.checkpoint import load_model_weights, save_checkpoint
+    from depthlab.train.checkpoint import load_model_weights, model_state, save_checkpoint
 
     dense = {"num_experts": 0, "top_k": 2, "expert_hidden": 0}
     src = Transformer(moe_cfg() if src_moe else moe_cfg(**dense))
-    path = save_checkpoint(tmp_path, 1, src, {"step": 1}, keep_last=1)
+    path = save_checkpoint(tmp_path, 1, model_state(src), {"step": 1}, keep_last=1)
     # the last case: same MoE layout, different expert size
     dst = Transformer(moe_cfg(expert_hidden=24) if src_moe and dst_moe else moe_cfg() if dst_moe else
                       moe_cfg(**dense))

@@ -72,7 +72,8 @@ def test_short_moe_training_run_learns_and_logs_moe_and_sparsity_stats(dataset, 
     lines = read_jsonl(tmp_path / "run" / "layer_stats.jsonl")
     assert [r["step"] for r in lines] == [1, 10, 20, 30]
     for record in lines:
-        assert record["tokens"] == 8 * 32 and "moe_diversity" in record  # the tokens of the stats step
+        assert record["tokens"] == record["step"] * 8 * 32 and record["sample_tokens"] == 8 * 32
+        assert "moe_diversity" in record
         for layer in record["layers"]:
             assert sum(layer["moe_load"]) == pytest.approx(1.0) and max(layer["moe_load"]) > 0
             assert layer["lb_loss_weighted"] == pytest.approx(layer["lb_loss"] * 0.01 / 2)

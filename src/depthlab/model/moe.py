@@ -58,9 +58,16 @@ class Experts(nn.Module):
         # fp32 and bf16. Odd toy shapes take the per-expert loop instead (same numbers, tested against each other).
         self.grouped = d_model % 8 == 0 and hidden % 8 == 0
 
-    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """`x` [M, d]: token-slots sorted by expert, `counts[e]` of them for expert e → expert outputs [M, d]."""
-        h = F.silu(self._matmul(x, self.w_gate, counts)) * self._matmul(x, self.w_up, counts)
+    def forward(self, x: torch.Tensor, counts: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """`x` [M, d]: token-slots sorted by expert, `counts[e]` of them for expert e; `scale` [M] the routing
+        weights → weighted expert outputs [M, d].
+
+        Gate and up projections run as one matmul on the concatenated weights (the copy is E·2H·d, small next to
+        the activations), and the routing weight scales the hidden activation — ``w·down(h) = down(w·h)`` — where it
+        is H wide instead of d.
+        """
+        gate, up = self._matmul(x, torch.cat([self.w_gate, self.w_up], dim=1), counts).chunk(2, dim=-1)
+        h = F.silu(gate) * up * scale.unsqueeze(-1).to(up.dtype)
         return self._matmul(h, self.w_down, counts)
 
     def _matmul(self, x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -132,9 +139,11 @@ class MoE(nn.Module):
         slot_expert = chosen.flatten()  # slot n·k + j of token n goes to expert chosen[n, j]
         counts = torch.bincount(slot_expert, minlength=self.num_experts)
         order = slot_expert.argsort(stable=True)  # slots grouped by expert
-        expert_out = self.experts(x[order // k], counts)
+        # Cast before gathering: under autocast the k-fold copy moves half the bytes.
+        expert_in = x.to(_compute_dtype(x)).index_select(0, order // k)
+        expert_out = self.experts(expert_in, counts, weights.flatten()[order])
         slots = torch.empty_like(expert_out).index_copy_(0, order, expert_out)  # back to token-major slot order
-        y = (slots.view(n, k, -1) * weights.unsqueeze(-1)).sum(1)  # fp32 weights: the k-sum is done in fp32
+        y = slots.view(n, k, -1).sum(1)  # a plain sum over each token's k slots: deterministic on every device
         if self.shared is not None:
             y = y + self.shared(x)
         self._aux_losses(logits, counts, n)
