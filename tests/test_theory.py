@@ -14,7 +14,7 @@ from depthlab.theory import simulate
 from depthlab.theory.branches import MagnitudeMask, calibrate_beta, softmax_rows
 from depthlab.theory.simulate import Settings, _block, _branch, _jacobian, _probes
 
-SMALL = dict(layers=10, d_model=32, seeds=6, tokens=32)
+SMALL = {"layers": 10, "d_model": 32, "seeds": 6, "tokens": 32}
 
 
 def _within_mc(sim, sem, closed, rel=0.03, k=4.0):
@@ -120,18 +120,18 @@ def test_deterministic_by_seed():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(densities=[0, 0.5]), "densities must be in"),
-    (dict(densities=[1.5]), "densities must be in"),
-    (dict(layers=0), "layers"),
-    (dict(d_model=1), "d_model"),
-    (dict(mask="routing", densities=[0.3], experts=8), "p·experts"),
-    (dict(mask="gqa", densities=[1 / 3], heads=4), "divide heads"),
-    (dict(mask="attention", densities=[0.01], tokens=16), "1/tokens"),
-    (dict(mask="bogus"), "unknown mask"),
-    (dict(sigma_w=0), "sigma_w"),
+    ({"densities": [0, 0.5]}, "densities must be in"),
+    ({"densities": [1.5]}, "densities must be in"),
+    ({"layers": 0}, "layers"),
+    ({"d_model": 1}, "d_model"),
+    ({"mask": "routing", "densities": [0.3], "experts": 8}, "p·experts"),
+    ({"mask": "gqa", "densities": [1 / 3], "heads": 4}, "divide heads"),
+    ({"mask": "attention", "densities": [0.01], "tokens": 16}, "1/tokens"),
+    ({"mask": "bogus"}, "unknown mask"),
+    ({"sigma_w": 0}, "sigma_w"),
 ])
 def test_bad_settings_raise_config_error(kwargs, message):
-    base = dict(layers=2, d_model=8, seeds=1, tokens=8)
+    base = {"layers": 2, "d_model": 8, "seeds": 1, "tokens": 8}
     with pytest.raises(ConfigError, match=message):
         simulate(**{**base, **kwargs})
 

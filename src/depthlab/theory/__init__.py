@@ -1,3 +1,3 @@
 from depthlab.theory.simulate import SimulationResult, simulate
 
-__all__ = ["simulate", "SimulationResult"]
+__all__ = ["SimulationResult", "simulate"]

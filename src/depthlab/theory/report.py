@@ -58,15 +58,15 @@ def _mechanism(run, st, ps, order, unit, tag) -> list[str]:
     low = int(np.argmin(ps))
     if run.mask == "magnitude" and run.norm != "post":
         kept = run.slope[low]
-        return [f"{tag}: keeping the largest |w| at p = {ps[low]:g} retains {kept:.3g} of the dense growth, "
-                f"{kept / ps[low]:.2g}× what an i.i.d. mask of the same density retains"]
+        return [(f"{tag}: keeping the largest |w| at p = {ps[low]:g} retains {kept:.3g} of the dense growth, "
+                f"{kept / ps[low]:.2g}× what an i.i.d. mask of the same density retains")]
     if run.mask in ("attention", "gqa") and run.norm != "post":
         first, last, tail = _increments(run, st, unit)
         what = "Σa² = p" if run.mask == "attention" else f"Σa² = 1/{st.support:g}"
         trend = ("mixing correlates the tokens, so attention's averaging damps the growth only in the first blocks"
                  if last.max() > 1.5 * first.max() else "the closed form holds through depth")
-        lines = [f"{tag}: Var increment ÷ closed form ({what}) = {_fmt(first[order])} at block 0, "
-                 f"{_fmt(last[order])} over blocks {tail}–{st.layers - 1}: {trend}"]
+        lines = [(f"{tag}: Var increment ÷ closed form ({what}) = {_fmt(first[order])} at block 0, "
+                 f"{_fmt(last[order])} over blocks {tail}–{st.layers - 1}: {trend}")]
         if run.mask == "gqa" and len(ps) > 1:
             var_last = run.var[:, -1]
             spread = var_last.max() / var_last.min() - 1
@@ -78,10 +78,10 @@ def _mechanism(run, st, ps, order, unit, tag) -> list[str]:
         return lines
     if run.mask == "routing":
         ratio = run.jac_mean[:, -1] / run.jac[:, -1]
-        return [f"{tag}: token-averaged ||mean(J−I)||_F ÷ per-token RMS at block {st.layers - 1} = "
+        return [(f"{tag}: token-averaged ||mean(J−I)||_F ÷ per-token RMS at block {st.layers - 1} = "
                 f"{_fmt(ratio[order])} (sqrt(p) = {_fmt(np.sqrt(ps[order]))}; ≈1 for a fixed mask): tokens "
                 f"routed to different experts {'cancel' if ratio[low] < 0.9 * ratio.max() else 'do not cancel'} "
-                f"in SPEC §5.3's averaged Jacobian"]
+                f"in SPEC §5.3's averaged Jacobian")]
     return []
 
 
@@ -120,9 +120,9 @@ def _iid_answer(result) -> list[str]:
     rel = runs[0].rel_update[:, -1]
     l0 = st.sigma0 ** 2 / (ps * st.d_model * st.sigma_w ** 2)
     hi, lo = int(np.argmax(ps)), int(np.argmin(ps))
-    return [f"iid/pre: the relative update ≈ 1/sqrt(l + l0) with l0 = σ0²/(p·d·σ_w²) = {_fmt(l0)} blocks: sparsity "
+    return [(f"iid/pre: the relative update ≈ 1/sqrt(l + l0) with l0 = σ0²/(p·d·σ_w²) = {_fmt(l0)} blocks: sparsity "
             f"acts only through l0 (the initial variance); with σ0 = {st.sigma0:g} the relative update at block "
-            f"{st.layers - 1} is {rel[lo]:.3g} at p = {ps[lo]:g} vs {rel[hi]:.3g} at p = {ps[hi]:g}"]
+            f"{st.layers - 1} is {rel[lo]:.3g} at p = {ps[lo]:g} vs {rel[hi]:.3g} at p = {ps[hi]:g}")]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -156,16 +156,13 @@ def save(result, out: str | os.PathLike) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    for run in result.runs:
-        fig = _run_figure(plt, run, result.settings)
-        paths.append(out / f"{run.mask}_{run.norm}.png")
-        _atomic_write(paths[-1], lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-        plt.close(fig)
-    fig = _summary_figure(plt, result)
-    if fig is not None:
-        paths.append(out / "summary.png")
-        _atomic_write(paths[-1], lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-        plt.close(fig)
+    figures = [(f"{run.mask}_{run.norm}.png", _run_figure(plt, run, result.settings)) for run in result.runs]
+    figures.append(("summary.png", _summary_figure(plt, result)))
+    for name, fig in figures:
+        if fig is not None:
+            paths.append(out / name)
+            _atomic_write(paths[-1], lambda tmp, fig=fig: fig.savefig(tmp, dpi=110, format="png"))
+            plt.close(fig)
     return [str(p) for p in paths]
 
 

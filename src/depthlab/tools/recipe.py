@@ -29,18 +29,18 @@ TOKENS_PER_PARAM = 20  # default budget when none is given (Chinchilla's ratio, 
 _SUFFIX = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
 
 
-def parse_count(text: str | int | float, what: str = "count") -> int:
+def parse_count(text: str | float, what: str = "count") -> int:
     """'400M', '1.2B', '1e9', '5_000', 2e9 → an integer; a ConfigError names ``what`` otherwise."""
     if isinstance(text, (int, float)) and not isinstance(text, bool):
         value = float(text)
     else:
-        match = re.fullmatch(r"\s*([0-9][0-9_]*\.?[0-9_]*(?:e[+-]?[0-9]+)?)\s*([kmbgt]?)\s*", str(text), re.I)
+        match = re.fullmatch(r"\s*([0-9][0-9_]*\.?[0-9_]*(?:e[+-]?[0-9]+)?)\s*([kmbgt]?)\s*", str(text), re.IGNORECASE)
         if not match:
             raise ConfigError(f"{what}: expected a number like 400M, 1.2B or 1e9, got '{text}'")
         value = float(match.group(1).replace("_", "")) * _SUFFIX[match.group(2).lower()]
     if not math.isfinite(value) or value < 1:
         raise ConfigError(f"{what} must be a positive number, got '{text}'")
-    return int(round(value))
+    return round(value)
 
 
 @dataclass
@@ -99,7 +99,7 @@ def _solve_shape(layers: int, target: int, experts: tuple[int, int], vocab: int,
     return best
 
 
-def make_recipe(layers: int, active_params: int | float | str, budget_tokens: int | float | str | None = None,
+def make_recipe(layers: int, active_params: float | str, budget_tokens: float | str | None = None,
                 count_embeddings: bool = False, vocab_size: int = 50304) -> tuple[Config, list[str]]:
     """A validated training Config for ``layers`` blocks at about ``active_params`` active parameters, and one line
     per choice saying what was chosen and the evidence for it.
@@ -131,24 +131,24 @@ def make_recipe(layers: int, active_params: int | float | str, budget_tokens: in
     emb = "with" if count_embeddings else "excluding"
     decay_steps = 1 / (LR * WEIGHT_DECAY)
     explanations = [
-        f"model.n_layers = {layers}: the recipe targets deep models; at 32 layers it reached 44.1 avg acc vs "
-        f"40.1 for the 16-layer reference (and 39.5 for the plain 32-layer baseline)",
-        f"model.d_model = {m.d_model}, n_heads = {m.n_heads} (head dim {shape.head_dim}), "
+        (f"model.n_layers = {layers}: the recipe targets deep models; at 32 layers it reached 44.1 avg acc vs "
+        f"40.1 for the 16-layer reference (and 39.5 for the plain 32-layer baseline)"),
+        (f"model.d_model = {m.d_model}, n_heads = {m.n_heads} (head dim {shape.head_dim}), "
         f"moe.expert_hidden = {shape.expert_hidden}: solved so the active parameters ({emb} embeddings) are "
         f"{human(shape.active)} vs the {human(target)} target ({shape.active / target - 1:+.1%}); the paper's recipe "
-        f"MoE used H_e = d (d 1120, H_e 1120)",
-        f"model.seq_len = {CONTEXT}: longer context sparsifies attention; +T4096: 39.5→40.0 avg acc at 32 layers "
-        f"(PPL T2048/4096 14.51/14.52, usefulness 0.81/0.81); T8192 was rejected (39.5, PPL 16.30)",
-        f"optimizer.weight_decay = {WEIGHT_DECAY} on weight matrices only (norms, embeddings undecayed): λ0.3: "
-        f"→41.4; λ0.6 41.0 and λ1.0 hurt: 38.5; at 16 layers λ=3.0 diverged (PPL 773)",
-        f"model.n_kv_heads = {m.n_kv_heads} (GQA G = {GQA_GROUP}): +G2: →42.1; G 1/4/16 → PPL 14.52/14.50/14.47, "
-        f"usefulness 0.81/0.87/0.87",
-        f"moe: {experts[0]} experts, top-{experts[1]} (k/E = 1/8) at matched active parameters: +MoE: →44.1 "
+        f"MoE used H_e = d (d 1120, H_e 1120)"),
+        (f"model.seq_len = {CONTEXT}: longer context sparsifies attention; +T4096: 39.5→40.0 avg acc at 32 layers "
+        f"(PPL T2048/4096 14.51/14.52, usefulness 0.81/0.81); T8192 was rejected (39.5, PPL 16.30)"),
+        (f"optimizer.weight_decay = {WEIGHT_DECAY} on weight matrices only (norms, embeddings undecayed): λ0.3: "
+        f"→41.4; λ0.6 41.0 and λ1.0 hurt: 38.5; at 16 layers λ=3.0 diverged (PPL 773)"),
+        (f"model.n_kv_heads = {m.n_kv_heads} (GQA G = {GQA_GROUP}): +G2: →42.1; G 1/4/16 → PPL 14.52/14.50/14.47, "
+        f"usefulness 0.81/0.87/0.87"),
+        (f"moe: {experts[0]} experts, top-{experts[1]} (k/E = 1/8) at matched active parameters: +MoE: →44.1 "
         f"(+4.6 over 39.5); MoE-7B/1B PPL 13.82 vs dense 14.52, usefulness 0.94 vs 0.81 "
-        f"({'32 experts top-4 as the paper at 400M active' if experts[0] == 32 else '64 experts top-8 as the paper at 1B active'}); "
-        f"total parameters {human(counts.total)}",
-        f"optimizer.lr = {LR:g}, linear warmup over {cfg.schedule.warmup_steps} step(s), cosine to 10%: the paper's 1B "
-        f"setting; retune lr for much smaller or larger widths",
+        f"(as the paper's {'400M' if experts[0] == 32 else '1B'}-active MoE); "
+        f"total parameters {human(counts.total)}"),
+        (f"optimizer.lr = {LR:g}, linear warmup over {cfg.schedule.warmup_steps} step(s), cosine to 10%: the paper's 1B "
+        f"setting; retune lr for much smaller or larger widths"),
         f"trainer: {t.batch_size} × {CONTEXT} tokens per step ({t.batch_size * CONTEXT / 1e6:.2f}M, the paper's "
         f"0.5M), {t.max_steps} steps = {human(t.max_steps * t.batch_size * CONTEXT)} tokens"
         + ("" if budget_tokens is not None else f" (default budget {TOKENS_PER_PARAM} tokens per active parameter)")
@@ -157,8 +157,8 @@ def make_recipe(layers: int, active_params: int | float | str, budget_tokens: in
         + (f" — longer than this run's {t.max_steps} steps, so λ's effect will barely show"
            if t.max_steps < decay_steps else f", well within this run's {t.max_steps} steps")
         + "; short runs won't show it (SPEC §6: at 200 steps only λ=0.3 lowered variance, λ=0.1 did not yet)",
-        "LNS (model.lns) and other norm placements are orthogonal to this recipe and off by default; the "
-        "paper's gains above are with Pre-LN",
+        ("LNS (model.lns) and other norm placements are orthogonal to this recipe and off by default; the "
+        "paper's gains above are with Pre-LN"),
     ]
     return cfg, explanations
 
