@@ -64,16 +64,16 @@ def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_checkpoint(ckpt_dir: Path, step: int, model: torch.nn.Module, trainer_state: dict[str, Any],
+def save_checkpoint(ckpt_dir: Path, step: int, weights: dict[str, torch.Tensor], trainer_state: dict[str, Any],
                     keep_last: int) -> Path:
-    """Write checkpoint `step` atomically, then prune to the newest `keep_last`."""
+    """Write checkpoint `step` (weights as from `model_state`) atomically, then prune to the newest `keep_last`."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     final = ckpt_dir / f"step_{step:06d}"
     tmp = ckpt_dir / f"step_{step:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
-        save_file(model_state(model), tmp / MODEL_FILE, metadata={"format": FORMAT, "step": str(step)})
+        save_file(weights, tmp / MODEL_FILE, metadata={"format": FORMAT, "step": str(step)})
         torch.save(trainer_state, tmp / STATE_FILE)
         files = {name: sha256(tmp / name) for name in (MODEL_FILE, STATE_FILE)}
         meta = {"format": FORMAT, "step": step, "sha256": files}

@@ -52,6 +52,28 @@ class Dist:
         device_ids = [self.local_rank] if torch.cuda.is_available() else None
         return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
+    def full_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+        """Unsharded model weights (tied tensors once) and optimizer state, keyed by parameter name.
+
+        Under FSDP this is a collective (every rank must call it); the result is complete on every rank.
+        """
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        from depthlab.train.checkpoint import model_state
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        weights, optim = get_state_dict(model, optimizer, options=options)
+        if not self.enabled:
+            return model_state(model), optim
+        if getattr(model.config, "tie_embeddings", False):
+            weights.pop("lm_head.weight", None)
+        return {k: v.contiguous() for k, v in weights.items()}, optim
+
+    def load_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
     def no_sync(self, model: nn.Module, last: bool):
         """Skip the gradient all-reduce on all but the last micro-batch (DDP only)."""
         if self.enabled and not last and isinstance(model, nn.parallel.DistributedDataParallel):

@@ -151,11 +151,11 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: Dist) -> TrainResult:
     model = Transformer(cfg.model).to(device)
     if state is not None:
         ckpt.load_model_weights(latest, model)
+    train_model = dist.wrap(model, fsdp=t.fsdp)  # before the optimizer: FSDP replaces the parameters
     optimizer = build_optimizer(model, cfg.optimizer)
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        dist.load_optimizer_state(model, optimizer, state["optimizer"])
         torch.set_rng_state(state["rng_cpu"])
-    train_model = dist.wrap(model, fsdp=t.fsdp)
     if t.compile:
         train_model = torch.compile(train_model)
 
@@ -249,9 +249,10 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: Dist) -> TrainResult:
                 w(record, step)
             bar.write(f"step {step}: val loss {val_loss:.4f} (ppl {record['val_ppl']:.2f})") if dist.is_main else None
         if (t.save_interval and step % t.save_interval == 0) or step == t.max_steps:
+            weights, optim_state = dist.full_state(model, optimizer)  # collective under FSDP
             if dist.is_main:
-                ckpt.save_checkpoint(ckpt_dir, step, model, {
-                    "step": step, "optimizer": optimizer.state_dict(), "rng_cpu": torch.get_rng_state(),
+                ckpt.save_checkpoint(ckpt_dir, step, weights, {
+                    "step": step, "optimizer": optim_state, "rng_cpu": torch.get_rng_state(),
                     "version": __version__}, keep_last=t.keep_last)
             dist.barrier()
     bar.close()
