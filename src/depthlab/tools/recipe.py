@@ -155,7 +155,7 @@ def make_recipe(layers: int, active_params: float | str, budget_tokens: float | 
         + f"; micro-batch {t.micro_batch_size} sequences per device (raise it if memory allows)",
         f"tune at small scale with care: weight decay acts on a timescale of ~1/(lr·λ) = {decay_steps:,.0f} steps"
         + (f" — longer than this run's {t.max_steps} steps, so λ's effect will barely show"
-           if t.max_steps < decay_steps else f", well within this run's {t.max_steps} steps")
+           if t.max_steps < decay_steps else f", shorter than this run's {t.max_steps} steps")
         + "; short runs won't show it (SPEC §6: at 200 steps only λ=0.3 lowered variance, λ=0.1 did not yet)",
         ("LNS (model.lns) and other norm placements are orthogonal to this recipe and off by default; the "
         "paper's gains above are with Pre-LN"),
