@@ -195,7 +195,7 @@ def test_layer_stats_report_routing_and_the_moe_branch():
     with torch.no_grad():
         stream = model.embed(x)
         u = stream + h.attn(h.norm1(stream))
-        _, chosen, _ = layer0.route(h.norm2(u).reshape(-1, 32))
+        _, _, chosen, _ = layer0.route(h.norm2(u).reshape(-1, 32))
     expected = torch.bincount(chosen.flatten(), minlength=4) / (40 * 2)
     torch.testing.assert_close(torch.tensor(record["layers"][0]["moe_load"], dtype=torch.float64), expected.double())
 

@@ -6,8 +6,8 @@
 
 *Dropless*: every token reaches all k of its experts (no capacity factor), so the output never depends on which other
 tokens share the batch. The experts are computed grouped: token-slots are sorted by expert and each expert is one
-matmul over its contiguous group (a single `F.grouped_mm` call per weight when the shapes allow it, else a loop over
-experts) — never a loop over tokens.
+matmul over its contiguous group (one `F.grouped_mm` call for the fused gate/up projection and one for the down
+projection when the shapes allow it, else a loop over experts) — never a loop over tokens.
 
 Auxiliary losses, per layer, both divided by the number of layers L exactly once (SPEC §9 defect 4):
 
@@ -122,20 +122,21 @@ class MoE(nn.Module):
         # A row of RoutingStats.sums while training statistics are being collected.
         self.stats: torch.Tensor | None = None
 
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Router logits [N,E] (fp32), chosen experts [N,k] and their weights [N,k] (fp32) for tokens `x` [N,d]."""
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For tokens `x` [N,d]: router logits and probabilities [N,E] (fp32), the chosen experts [N,k] and their
+        weights [N,k] (fp32)."""
         logits = self.router(x).float()
         probs = logits.softmax(-1)
         weights, chosen = probs.topk(self.top_k, dim=-1)
         if self.renormalize:
             weights = weights / weights.sum(-1, keepdim=True)
-        return logits, chosen, weights
+        return logits, probs, chosen, weights
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         n, k = x.shape[0], self.top_k
-        logits, chosen, weights = self.route(x)
+        logits, probs, chosen, weights = self.route(x)
         slot_expert = chosen.flatten()  # slot n·k + j of token n goes to expert chosen[n, j]
         counts = torch.bincount(slot_expert, minlength=self.num_experts)
         order = slot_expert.argsort(stable=True)  # slots grouped by expert
@@ -146,20 +147,19 @@ class MoE(nn.Module):
         y = slots.view(n, k, -1).sum(1)  # a plain sum over each token's k slots: deterministic on every device
         if self.shared is not None:
             y = y + self.shared(x)
-        self._aux_losses(logits, counts, n)
+        self._aux_losses(logits, probs, counts, n)
         return y.to(x.dtype).view(shape)
 
-    def _aux_losses(self, logits: torch.Tensor, counts: torch.Tensor, n: int) -> None:
+    def _aux_losses(self, logits: torch.Tensor, probs: torch.Tensor, counts: torch.Tensor, n: int) -> None:
         with torch.no_grad():
             local = torch.cat([counts.double(), counts.new_tensor([n], dtype=torch.float64)])
         if self.count_sink is not None:  # routing pre-pass: only the counts are wanted
             self.count_sink += local
             return
-        probs = logits.softmax(-1)
         lse = torch.logsumexp(logits, -1)
         with torch.no_grad():
             if self.stats is not None:
-                entropy = -(probs * logits.log_softmax(-1)).sum()
+                entropy = -(probs * (logits - lse.unsqueeze(-1))).sum()  # log p = logits − lse
                 self.stats += torch.cat([local[:-1], probs.sum(0).double(), entropy.double()[None],
                                          lse.pow(2).sum().double()[None], local[-1:]])
             if self.batch_counts is not None:
