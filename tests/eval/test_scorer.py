@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from depthlab.config import ModelConfig
-from depthlab.eval.scorer import _plan_rows, loglikelihoods
+from depthlab.eval.scorer import _plan_rows, _prefix_tree, loglikelihoods
+from depthlab.eval.tasks import TASKS, load_examples
 from depthlab.model.transformer import Transformer
 
 
@@ -91,6 +92,31 @@ def test_greedy_flag(llama, tokenizer):
     scores = loglikelihoods(llama, tokenizer, [(context, greedy)])
     if tokenizer.encode(context + greedy)[len(tokenizer.encode(context)):] == ids[-3:]:  # tokenization round-trips
         assert scores[0].greedy
+
+
+def test_examples_as_prefix_trees(llama, tokenizer):
+    """All requests of an example in one tree row (Winogrande: two contexts sharing a prefix) score like the brute
+    force."""
+    examples = [ex for name in TASKS for ex in load_examples(name, 2)]
+    requests = [r for ex in examples for r in ex.requests]
+    groups = [i for i, ex in enumerate(examples) for _ in ex.requests]
+    scores = loglikelihoods(llama, tokenizer, requests, groups=groups, batch_size=3, max_tokens=600)
+    for (context, continuation), score in zip(requests, scores):
+        assert score.logprob == pytest.approx(brute_force(llama, tokenizer, context, continuation, 256)[0],
+                                              abs=1e-4, rel=1e-5)
+
+
+def test_prefix_tree_layout():
+    """Depth-first order: each input is a root-to-node path, position ids are depths, and ``k <= q <= end[k]`` is
+    exactly the ancestor relation."""
+    rng = random.Random(2)
+    inputs = [tuple(rng.choice([1, 2, 3]) for _ in range(rng.randint(1, 6))) for _ in range(30)]
+    row = _prefix_tree(inputs, list(range(30)), [1] * 30)
+    for i, seq in enumerate(inputs):
+        node = next(nodes[-1] for j, nodes in row.reads if j == i)
+        path = [q for q in range(node + 1) if q <= node <= row.end[q]]  # ancestors by the interval rule
+        assert [row.tokens[q] for q in path] == list(seq) and [row.depth[q] for q in path] == list(range(len(seq)))
+    assert len(row.tokens) == len({seq[:n] for seq in inputs for n in range(1, len(seq) + 1)})  # each prefix once
 
 
 def test_plan_rows_finds_every_prefix():

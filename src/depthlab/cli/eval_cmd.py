@@ -24,7 +24,10 @@ def register(sub, help_: str) -> None:
     p.add_argument("--ppl-context", type=int, help="perplexity window in tokens (default: the model's context)")
     p.add_argument("--ppl-stride", type=int, help="how far perplexity windows advance (default: the window, i.e. "
                    "no overlap)")
-    p.add_argument("--batch-size", type=int, default=32, help="rows per forward pass (default 32)")
+    p.add_argument("--batch-size", type=int, default=64, help="at most this many rows per forward pass (default 64; "
+                   "with --backend lm-eval: its batch size)")
+    p.add_argument("--max-batch-tokens", type=int, default=2048, help="at most this many padded tokens per forward "
+                   "pass (default 2048; raise it on a GPU)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="load the model in this dtype (default: as "
                    "stored; GGUF loads as fp32)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
@@ -63,7 +66,7 @@ def run(args) -> int:
                                   log_samples=args.log_samples)
     else:
         results = evaluate(model, tokenizer, tasks, limit=args.limit, batch_size=args.batch_size,
-                           ppl_data=args.ppl_data, ppl_context=args.ppl_context, ppl_stride=args.ppl_stride,
+                           max_batch_tokens=args.max_batch_tokens, ppl_data=args.ppl_data, ppl_context=args.ppl_context, ppl_stride=args.ppl_stride,
                            log_samples=args.log_samples, progress=progress, model_name=args.model)
     print(format_table(results))
     if args.out:

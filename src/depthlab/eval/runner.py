@@ -35,11 +35,12 @@ def _count_documents(task: str) -> int:
         return sum(1 for line in f if line.strip())
 
 
-def _score_task(model, tokenizer, task: str, limit: int | None, batch_size: int, log_samples: bool,
+def _score_task(model, tokenizer, task: str, limit: int | None, batch: dict, log_samples: bool,
                 progress: bool) -> tuple[dict, list[dict]]:
     examples = load_examples(task, limit)
     requests = [r for ex in examples for r in ex.requests]
-    scores = iter(loglikelihoods(model, tokenizer, requests, batch_size=batch_size, progress=progress))
+    groups = [i for i, ex in enumerate(examples) for _ in ex.requests]  # an example's choices share one row
+    scores = iter(loglikelihoods(model, tokenizer, requests, groups=groups, progress=progress, **batch))
     hits = {m: np.zeros(len(examples)) for m in METRICS}
     samples = []
     for i, ex in enumerate(examples):
@@ -70,14 +71,15 @@ def _macro_average(per_task: dict[str, dict]) -> dict:
 
 
 def evaluate(model, tokenizer, tasks: str | list[str] | None = "all", *, limit: int | None = None,
-             batch_size: int = 32, ppl_data: str | Path | None = None, ppl_context: int | None = None,
-             ppl_stride: int | None = None, log_samples: bool = False, progress: bool = False,
-             model_name: str | None = None) -> dict:
+             batch_size: int = 64, max_batch_tokens: int = 2048, ppl_data: str | Path | None = None,
+             ppl_context: int | None = None, ppl_stride: int | None = None, log_samples: bool = False,
+             progress: bool = False, model_name: str | None = None) -> dict:
     """Evaluate ``model`` zero-shot on ``tasks`` (``"all"``, a comma list or a list; None for none) and, when
     ``ppl_data`` is given, its perplexity there (see ``depthlab.eval.perplexity``).
 
     limit: score only the first ``limit`` examples of each task (file order; a fixed subset, so runs compare).
-    batch_size: rows per forward pass. log_samples: include each example's log-likelihoods under ``"samples"``.
+    batch_size, max_batch_tokens: at most this many rows and padded tokens per forward pass.
+    log_samples: include each example's log-likelihoods under ``"samples"``.
     Returns lm-eval's layout: ``results[task]["acc,none"]`` etc., the macro average under ``groups["average"]``.
     """
     if tokenizer is None:
@@ -93,8 +95,8 @@ def evaluate(model, tokenizer, tasks: str | list[str] | None = "all", *, limit: 
     try:
         per_task, samples, counts = {}, {}, {}
         for name in names:
-            per_task[name], samples[name] = _score_task(model, tokenizer, name, limit, batch_size, log_samples,
-                                                        progress)
+            batch = {"batch_size": batch_size, "max_tokens": max_batch_tokens}
+            per_task[name], samples[name] = _score_task(model, tokenizer, name, limit, batch, log_samples, progress)
             counts[name] = {"original": _count_documents(name), "effective": per_task[name].pop("samples")}
         ppl = None if ppl_data is None else perplexity(model, tokenizer, source=ppl_data, context_length=ppl_context,
                                                        stride=ppl_stride, progress=progress)
@@ -108,7 +110,7 @@ def evaluate(model, tokenizer, tasks: str | list[str] | None = "all", *, limit: 
         "config": {"model": model_name or type(model).__name__, "model_class": type(model).__name__,
                    "weights_sha256": weights_hash(model),
                    "dtype": str(param.dtype).removeprefix("torch."), "device": str(model_device(model)),
-                   "batch_size": batch_size, "limit": limit, "num_fewshot": 0},
+                   "batch_size": batch_size, "max_batch_tokens": max_batch_tokens, "limit": limit, "num_fewshot": 0},
         "depthlab_version": __version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "total_evaluation_time_seconds": round(time.perf_counter() - start, 3),

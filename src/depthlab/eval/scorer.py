@@ -7,16 +7,15 @@ Semantics follow lm-evaluation-harness's Hugging Face backend exactly, so the de
 - a sequence longer than the model's context keeps its last ``context_length + 1`` tokens.
 
 What makes it fast, without changing any number:
-- **The shared context runs once per example.** All choices of an example go into one row: the context, then each
-  choice's tokens as its own segment. A 4D attention mask lets a segment see the context and its own earlier tokens
-  only, and position ids restart after the context for every segment, so each choice is computed exactly as if it
-  were alone after the context (the first token of every choice is read off the context's last position). Models
-  whose ``forward`` takes no ``attention_mask``/``position_ids`` (depthlab's own) get one row per choice instead.
-- **Shared prefixes are computed once.** A causal model's logits at position ``p`` depend only on tokens ``0..p``, so
-  a choice whose input tokens are a prefix of another's (MMLU's single letters, BoolQ's yes/no: empty segments)
-  costs nothing extra, and duplicated requests cost nothing.
-- **Rows sorted by length, right-padded.** Padding after the real tokens cannot affect them under a causal mask, so
-  rows without packed segments need no mask at all, and little compute is wasted on padding.
+- **Shared prefixes run once.** A causal model's logits at a token depend only on the tokens before it. The choices
+  of one example share their context (and often more: PIQA's two solutions tend to start alike, Winogrande's two
+  contexts differ in one word), so all of an example's requests go into one row laid out as a prefix tree: every
+  distinct prefix appears once, a 4D attention mask lets each token see exactly its ancestors, and its position id
+  is its depth. Each request is then computed exactly as if it were alone, and single-token choices (MMLU's letters,
+  BoolQ's yes/no) or duplicated requests cost nothing extra. Models whose ``forward`` takes no ``attention_mask`` and
+  ``position_ids`` (depthlab's own) get plain rows instead, one per distinct input that is no other's prefix.
+- **Rows sorted by length, batched by a token budget, right-padded.** Sorting keeps padding small; padding after the
+  real tokens cannot affect them, so rows that are plain sequences need no mask at all.
 - **Only the needed logits.** Hugging Face models that accept ``logits_to_keep`` compute the LM head only over the
   window that holds continuation positions; log-softmax runs in fp32 only on the continuation positions.
 """
@@ -116,100 +115,125 @@ def _accepts(model, *names: str) -> bool:
 
 @dataclass
 class _Row:
-    """One batch row: a context followed by segments (continuations minus their last token), each segment seeing
-    the context and itself. ``members`` are (request, segment index) pairs read off this row."""
+    """One batch row: the prefix tree of some requests' input tokens, in depth-first order.
 
-    context: tuple[int, ...]
-    segments: list[tuple[int, ...]]
-    members: list[tuple[int, int]]
+    Token ``q`` has position id ``depth[q]`` and its subtree spans ``q..end[q]``, so ``k`` is an ancestor of ``q``
+    (or ``q`` itself) exactly when ``k <= q <= end[k]``. ``reads`` holds, per request, the tokens whose logits predict
+    its continuation.
+    """
+
+    tokens: list[int]
+    depth: list[int]
+    end: list[int]
+    reads: list[tuple[int, list[int]]]
 
     def __len__(self) -> int:
-        return len(self.context) + sum(map(len, self.segments))
+        return len(self.tokens)
+
+    @property
+    def is_sequence(self) -> bool:
+        """A single path: plain causal attention, positions 0..n-1."""
+        return self.depth[-1] == len(self.tokens) - 1
 
 
-def _plan(contexts: list[tuple[int, ...]], segments: list[tuple[int, ...]], pack: bool) -> list[_Row]:
-    """Group requests by context; within a group, a segment that is a prefix of another shares its tokens. Packed:
-    one row per context; otherwise one row per distinct segment."""
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i, context in enumerate(contexts):
-        groups.setdefault(context, []).append(i)
-    rows = []
-    for context, members in groups.items():
-        unique, seg_of = _plan_rows([segments[i] for i in members])
-        if pack:
-            rows.append(_Row(context, unique, [(i, s) for i, s in zip(members, seg_of)]))
-        else:
-            rows += [_Row(context, [seg], [(i, 0) for i, s in zip(members, seg_of) if s == k])
-                     for k, seg in enumerate(unique)]
-    return rows
+def _prefix_tree(inputs: list[tuple[int, ...]], members: list[int], n_targets: list[int]) -> _Row:
+    """The row holding ``members``' inputs. Inserting them in lexicographic order creates the tree's tokens in
+    depth-first order (the inputs below any prefix are consecutive in that order)."""
+    tokens, depth, parent, reads = [], [], [], []
+    child: dict[tuple[int, int], int] = {}
+    for i in sorted(members, key=inputs.__getitem__):
+        node, path = -1, []
+        for token in inputs[i]:
+            if (node, token) not in child:
+                child[node, token] = len(tokens)
+                tokens.append(token)
+                depth.append(len(path))
+                parent.append(node)
+            node = child[node, token]
+            path.append(node)
+        reads.append((i, path[len(path) - n_targets[i]:]))
+    end = list(range(len(tokens)))
+    for q in reversed(range(len(tokens))):
+        if parent[q] >= 0:
+            end[parent[q]] = max(end[parent[q]], end[q])
+    return _Row(tokens, depth, end, reads)
 
 
-def _packed_inputs(rows: list[_Row], width: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """The additive 4D attention mask [B, 1, T, T] and position ids [B, T] of packed rows (padding attends to
-    itself, so no softmax row is empty)."""
-    seg = torch.full((len(rows), width), -1, dtype=torch.long)
-    pos = torch.zeros(len(rows), width, dtype=torch.long)
+def _tree_inputs(rows: list[_Row], width: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The additive 4D attention mask [B, 1, T, T] (each token sees its ancestors and itself; padding only itself)
+    and the position ids [B, T] of a batch of rows."""
+    index = torch.arange(width)
+    end = index.repeat(len(rows), 1)
+    depth = torch.zeros(len(rows), width, dtype=torch.long)
     for b, row in enumerate(rows):
-        c = len(row.context)
-        seg[b, :c], pos[b, :c] = 0, torch.arange(c)
-        at = c
-        for k, segment in enumerate(row.segments, 1):
-            seg[b, at:at + len(segment)], pos[b, at:at + len(segment)] = k, torch.arange(c, c + len(segment))
-            at += len(segment)
-    causal = torch.ones(width, width, dtype=torch.bool).tril()
-    allowed = causal & ((seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None]))
+        end[b, :len(row)] = torch.tensor(row.end)
+        depth[b, :len(row)] = torch.tensor(row.depth)
+    allowed = (index[None, None, :] <= index[None, :, None]) & (index[None, :, None] <= end[:, None, :])
     mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask[:, None], pos
+    return mask[:, None], depth
+
+
+def _batches(rows: list[_Row], batch_size: int, max_tokens: int):
+    """Consecutive rows (sorted longest first) up to ``batch_size`` rows and ``max_tokens`` padded tokens."""
+    start = 0
+    while start < len(rows):
+        n = max(1, min(batch_size, max_tokens // len(rows[start])))
+        yield rows[start:start + n]
+        start += n
 
 
 @torch.no_grad()
-def loglikelihoods(model, tokenizer, requests: list[tuple[str, str]], *, batch_size: int = 32,
-                   max_length: int | None = None, pack: bool | None = None, progress: bool = False) -> list[Score]:
+def loglikelihoods(model, tokenizer, requests: list[tuple[str, str]], *, groups: list | None = None,
+                   batch_size: int = 64, max_tokens: int = 2048, max_length: int | None = None,
+                   pack: bool | None = None, progress: bool = False) -> list[Score]:
     """Score each (context, continuation) request with ``model``; one ``Score`` per request, in input order.
 
-    batch_size: rows per forward pass (a row holds one example's context and all its choices when packing).
-    pack: put all choices of a context in one row (default: when ``model.forward`` takes ``attention_mask`` and
-    ``position_ids``). Results depend on neither, up to floating-point reassociation in the model's kernels.
+    groups: a key per request; requests with the same key share one prefix-tree row (pass the example index so an
+    example's choices share their context); by default requests with the same context tokens do.
+    batch_size, max_tokens: at most this many rows and padded tokens per forward pass.
+    pack: use prefix-tree rows (default: when ``model.forward`` takes ``attention_mask`` and ``position_ids``).
+    Results depend on none of these, up to floating-point reassociation in the model's kernels.
     """
-    if batch_size < 1:
-        raise EvalError(f"batch_size must be >= 1, got {batch_size}")
+    if batch_size < 1 or max_tokens < 1:
+        raise EvalError(f"batch_size and max_tokens must be >= 1, got {batch_size} and {max_tokens}")
     max_len = max_length or context_length(model)
     pack = _accepts(model, "attention_mask", "position_ids") if pack is None else pack
-    contexts, segments, targets = [], [], []
+    inputs, targets = [], []
     for context_ids, continuation_ids in encode_pairs(tokenizer, requests):
         if len(continuation_ids) > max_len:
             raise EvalError(f"a continuation of {len(continuation_ids)} tokens exceeds the model's context "
                             f"of {max_len}")
-        context = (context_ids + continuation_ids)[-(max_len + 1):][:-len(continuation_ids)]
-        contexts.append(tuple(context))
-        segments.append(tuple(continuation_ids[:-1]))
+        inputs.append(tuple((context_ids + continuation_ids)[-(max_len + 1):-1]))
         targets.append(continuation_ids)
-    rows = sorted(_plan(contexts, segments, pack), key=len, reverse=True)
+    if pack:
+        keys = groups if groups is not None else [seq[:len(seq) - len(t) + 1] for seq, t in zip(inputs, targets)]
+    else:
+        keys = _plan_rows(inputs)[1]
+    members: dict = {}
+    for i, key in enumerate(keys):
+        members.setdefault(key, []).append(i)
+    n_targets = [len(t) for t in targets]
+    rows = sorted((_prefix_tree(inputs, m, n_targets) for m in members.values()), key=len, reverse=True)
 
     device = model_device(model)
     dtype = next(model.parameters()).dtype
     logprob = torch.zeros(len(requests), dtype=torch.float64)
     greedy = torch.ones(len(requests), dtype=torch.bool)
     bar = tqdm(total=len(requests), desc="scoring", unit="req", disable=not progress, leave=False)
-    for start in range(0, len(rows), batch_size):
-        batch = rows[start:start + batch_size]
+    for batch in _batches(rows, batch_size, max_tokens):
         width = len(batch[0])
         ids = torch.zeros(len(batch), width, dtype=torch.long)
         row_idx, pos_idx, tgt, owner = [], [], [], []
         for b, row in enumerate(batch):
-            ids[b, :len(row)] = torch.tensor(row.context + sum(row.segments, ()))
-            offsets = [len(row.context)]
-            for segment in row.segments:
-                offsets.append(offsets[-1] + len(segment))
-            for i, k in row.members:
-                c = len(targets[i])  # token 0 from the context's last position, token j from segment token j-1
-                row_idx += [b] * c
-                pos_idx += [len(row.context) - 1, *range(offsets[k], offsets[k] + c - 1)]
+            ids[b, :len(row)] = torch.tensor(row.tokens)
+            for i, nodes in row.reads:
+                row_idx += [b] * len(nodes)
+                pos_idx += nodes
                 tgt += targets[i]
-                owner += [i] * c
+                owner += [i] * len(nodes)
         extra = {}
-        if any(len(row.segments) > 1 for row in batch):
-            mask, positions = _packed_inputs(batch, width, dtype)
+        if not all(row.is_sequence for row in batch):
+            mask, positions = _tree_inputs(batch, width, dtype)
             extra = {"attention_mask": mask.to(device), "position_ids": positions.to(device)}
         first = min(pos_idx)
         logits = forward_logits(model, ids.to(device), keep_last=width - first, **extra)
@@ -219,6 +243,6 @@ def loglikelihoods(model, tokenizer, requests: list[tuple[str, str]], *, batch_s
         logprob.index_add_(0, owner_t, token_lp)
         miss = (picked.argmax(-1) != tgt_t).long()
         greedy &= torch.zeros(len(requests), dtype=torch.long).index_add_(0, owner_t, miss) == 0
-        bar.update(sum(len(row.members) for row in batch))
+        bar.update(sum(len(row.reads) for row in batch))
     bar.close()
     return [Score(float(lp), len(t), bool(g)) for lp, t, g in zip(logprob.tolist(), targets, greedy.tolist())]
