@@ -1,5 +1,26 @@
-"""`depthlab compare`: not available yet (the studies issue)."""
+"""`depthlab compare RUN_A RUN_B`: two runs side by side (config difference, losses, variance, analysis)."""
 
-from depthlab.cli import not_available
+from __future__ import annotations
 
-register = not_available("compare", "the studies issue")
+from pathlib import Path
+
+from depthlab.study.compare import compare_runs, format_comparison
+from depthlab.train.checkpoint import atomic_write_text
+
+
+def register(sub, help_: str) -> None:
+    p = sub.add_parser("compare", help=help_, description=f"{help_}. RUN_A and RUN_B are run folders (of "
+                       "'depthlab train' or a study's runs/NAME).")
+    p.add_argument("run_a", metavar="RUN_A")
+    p.add_argument("run_b", metavar="RUN_B")
+    p.add_argument("--markdown", default=None, metavar="FILE", help="also write the comparison as Markdown")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    comparison = compare_runs(args.run_a, args.run_b)
+    print(format_comparison(comparison), end="")
+    if args.markdown:
+        atomic_write_text(Path(args.markdown), format_comparison(comparison, markdown=True))
+        print(f"wrote {args.markdown}")
+    return 0

@@ -1,5 +1,69 @@
-"""`depthlab study`: not available yet (the studies issue)."""
+"""`depthlab study run|status|list|show`: sweeps of training runs, each trained, measured and resumable."""
 
-from depthlab.cli import not_available
+from __future__ import annotations
 
-register = not_available("study", "the studies issue")
+import argparse
+
+from depthlab.study.runner import format_status, run_study, study_status
+from depthlab.study.spec import builtin_names, builtin_scales, load_spec
+
+
+def register(sub, help_: str) -> None:
+    p = sub.add_parser("study", help=help_, description=f"{help_}. See docs/studies.md.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    r = actions.add_parser("run", help="run (or resume) a study's unfinished runs",
+                           description="Train and measure every unfinished run of a study, each in its own process. "
+                           "Finished runs (done.json) are skipped; failed or interrupted ones resume from their last "
+                           "checkpoint. On a cluster, submit one job per run with --only RUN_NAME (see "
+                           "'depthlab study show') and run 'depthlab report' when they are done.")
+    r.add_argument("spec", metavar="NAME|SPEC.yaml", help="a built-in study (see 'depthlab study list') or a YAML")
+    r.add_argument("--scale", default=None, help="scale of a built-in study: tiny (default), small, paper")
+    r.add_argument("--out", default=None, help="study folder (default ./studies/NAME-SCALE)")
+    r.add_argument("--jobs", type=int, default=1, help="runs at once on this machine (default 1)")
+    r.add_argument("--only", action="append", default=None, metavar="RUN_NAME",
+                   help="run only this run (repeatable): one cluster job per run")
+    r.add_argument("--nproc-per-node", type=int, default=1, metavar="K",
+                   help="launch each run with torchrun on K processes (GPUs) (default 1: plain python)")
+    r.set_defaults(func=_run)
+
+    s = actions.add_parser("status", help="done / running / failed / pending runs of a study folder")
+    s.add_argument("study_dir", metavar="DIR")
+    s.set_defaults(func=_status)
+
+    ls = actions.add_parser("list", help="the built-in studies, their scales and expected runtimes")
+    ls.set_defaults(func=_list)
+
+    sh = actions.add_parser("show", help="the runs a study would make (one name per line, for cluster scripts)")
+    sh.add_argument("spec", metavar="NAME|SPEC.yaml")
+    sh.add_argument("--scale", default=None)
+    sh.add_argument("--verbose", action="store_true", help="also each run's overrides")
+    sh.set_defaults(func=_show)
+
+
+def _run(args) -> int:
+    states = run_study(args.spec, args.out, scale=args.scale, jobs=args.jobs, only=args.only,
+                       nproc_per_node=args.nproc_per_node)
+    return 0 if all(s == "done" for s in states.values()) else 1
+
+
+def _status(args) -> int:
+    print(format_status(study_status(args.study_dir), args.study_dir))
+    return 0
+
+
+def _list(args) -> int:
+    for name in builtin_names():
+        spec = load_spec(name)
+        print(f"{name}: {spec.description}")
+        for scale, runtime in builtin_scales(name).items():
+            print(f"    {scale:<6} {runtime}")
+    return 0
+
+
+def _show(args) -> int:
+    spec = load_spec(args.spec, args.scale)
+    for run in spec.resolve():
+        print(f"{run.name}  {run.setting} seed={run.seed}" if args.verbose else run.name)
+    return 0
