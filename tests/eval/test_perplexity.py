@@ -64,6 +64,9 @@ def test_documents_are_scored_separately(llama, tokenizer):
     total = one["nll"] * one["tokens"] + two["nll"] * two["tokens"]
     assert both["nll"] * both["tokens"] == pytest.approx(total, rel=1e-6)
     assert both["bytes"] == len(a) + len(b)
+    one_by_one = perplexity(llama, tokenizer, [a, b, TEXT], context_length=16, max_tokens=1)  # one window a pass
+    batched = perplexity(llama, tokenizer, [a, b, TEXT], context_length=16, max_tokens=4096)
+    assert one_by_one["nll"] == pytest.approx(batched["nll"], rel=1e-6)
 
 
 def test_sources_and_errors(llama, tokenizer, tmp_path):

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from depthlab.errors import EvalError
 from depthlab.eval.scorer import context_length as model_context_length
-from depthlab.eval.scorer import forward_logits, model_device
+from depthlab.eval.scorer import forward_logits, model_device, token_batches
 
 
 def ppl_documents(source: str | Path) -> tuple[str, list[str]]:
@@ -70,7 +70,7 @@ def perplexity(model, tokenizer, text: str | Sequence[str] | None = None, *, sou
 
     text: a string or a list of documents; or source: a name or path resolved by ``ppl_documents``.
     context_length: window length in tokens (default: the model's context); stride: how far windows advance
-    (default: ``context_length``). max_tokens: tokens per forward pass (windows are batched up to it).
+    (default: ``context_length``). max_tokens: padded tokens per forward pass (windows are batched up to it).
     Returns a dict with nll (nats/token), perplexity, bits_per_byte, tokens, bytes, documents, and the settings.
     """
     if (text is None) == (source is None):
@@ -91,12 +91,10 @@ def perplexity(model, tokenizer, text: str | Sequence[str] | None = None, *, sou
     streams = [[prefix, *ids] for ids in tokenizer(docs, add_special_tokens=False)["input_ids"]]
     jobs = [(s, *w) for s in streams for w in _windows(len(s), length, stride)]
     jobs.sort(key=lambda job: job[2] - job[1], reverse=True)
-    per_batch = max(1, max_tokens // length)
     device = model_device(model)
     nll, n_tokens = 0.0, 0
-    for start in tqdm(range(0, len(jobs), per_batch), desc="perplexity", unit="batch", disable=not progress,
-                      leave=False):
-        batch = jobs[start:start + per_batch]
+    bar = tqdm(total=len(jobs), desc="perplexity", unit="window", disable=not progress, leave=False)
+    for batch in token_batches(jobs, len(jobs), max_tokens, length=lambda job: job[2] - job[1]):
         width = batch[0][2] - batch[0][1]
         ids = torch.zeros(len(batch), width, dtype=torch.long)
         for b, (stream, begin, end, _) in enumerate(batch):
@@ -109,6 +107,8 @@ def perplexity(model, tokenizer, text: str | Sequence[str] | None = None, *, sou
             targets = torch.tensor(stream[first + 1:end + 1], device=rows.device)
             nll += F.cross_entropy(rows, targets, reduction="sum").double().item()
             n_tokens += end - first
+        bar.update(len(batch))
+    bar.close()
     n_bytes = sum(len(d.encode("utf-8")) for d in docs)
     mean = nll / n_tokens
     return {"source": name, "documents": len(docs), "tokens": n_tokens, "bytes": n_bytes, "nll": mean,

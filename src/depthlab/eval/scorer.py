@@ -173,12 +173,12 @@ def _tree_inputs(rows: list[_Row], width: int, dtype: torch.dtype) -> tuple[torc
     return mask[:, None], depth
 
 
-def _batches(rows: list[_Row], batch_size: int, max_tokens: int):
-    """Consecutive rows (sorted longest first) up to ``batch_size`` rows and ``max_tokens`` padded tokens."""
+def token_batches(items: list, batch_size: int, max_tokens: int, length=len):
+    """Consecutive items (sorted longest first) up to ``batch_size`` items and ``max_tokens`` padded tokens."""
     start = 0
-    while start < len(rows):
-        n = max(1, min(batch_size, max_tokens // len(rows[start])))
-        yield rows[start:start + n]
+    while start < len(items):
+        n = max(1, min(batch_size, max_tokens // length(items[start])))
+        yield items[start:start + n]
         start += n
 
 
@@ -220,7 +220,7 @@ def loglikelihoods(model, tokenizer, requests: list[tuple[str, str]], *, groups:
     logprob = torch.zeros(len(requests), dtype=torch.float64)
     greedy = torch.ones(len(requests), dtype=torch.bool)
     bar = tqdm(total=len(requests), desc="scoring", unit="req", disable=not progress, leave=False)
-    for batch in _batches(rows, batch_size, max_tokens):
+    for batch in token_batches(rows, batch_size, max_tokens):
         width = len(batch[0])
         ids = torch.zeros(len(batch), width, dtype=torch.long)
         row_idx, pos_idx, tgt, owner = [], [], [], []
