@@ -48,6 +48,8 @@ def register(sub, help_: str) -> None:
 
 
 def run(args) -> int:
+    import torch
+
     from depthlab.theory import simulate
 
     if not args.densities:
@@ -58,7 +60,8 @@ def run(args) -> int:
                       jacobian=args.jacobian, probes=args.probes)
     paths = result.save(args.out)
     for run_ in result.runs:
-        print(f"{run_.mask}/{run_.norm}: {run_.seconds:.1f} s for {args.layers} layers × d={args.d_model} × "
+        print(f"{run_.mask}/{run_.norm}: {run_.seconds:.1f} s ({run_.cpu_seconds:.1f} s CPU over "
+              f"{torch.get_num_threads()} threads) for {args.layers} layers × d={args.d_model} × "
               f"{len(args.densities)} densities × {args.seeds} seeds")
     print(f"total {result.seconds:.1f} s\n")
     for line in result.conclusions:

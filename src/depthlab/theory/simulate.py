@@ -101,6 +101,9 @@ class Run:
     """sqrt(E||x_{l+1} − x_l||² / E||x_l||²) per block."""
     rel_closed: np.ndarray | None
     seconds: float
+    """Wall-clock time of the sweep."""
+    cpu_seconds: float
+    """Process CPU time of the sweep, all threads (on a shared machine the wall clock overstates the cost)."""
     slope: list[float | None] = field(default_factory=list)
     """Least-squares growth of Var per unit of the closed form's depth term, divided by d·σ_w² (≈ p_var)."""
 
@@ -249,7 +252,7 @@ def closed_forms(st: Settings, norm: str, p_var: np.ndarray, p_jac: np.ndarray):
 
 
 def _sweep(st: Settings, mask: str, norm: str) -> Run:
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     gen = torch.Generator().manual_seed(st.seed)  # same seed for every norm: the norms see the same weights
     S, D, T, d, L = st.seeds, len(st.densities), st.tokens, st.d_model, st.layers
     p = torch.tensor(st.densities)
@@ -280,7 +283,7 @@ def _sweep(st: Settings, mask: str, norm: str) -> Run:
     run = Run(mask=mask, norm=norm, densities=list(st.densities), p_var=p_var.tolist(), p_jac=p_jac.tolist(),
               var=var, var_sem=var_sem, var_closed=var_closed, jac=jac, jac_sem=jac_sem, jac_closed=jac_closed,
               jac_mean=_mean_sem(jac_avg.sqrt())[0], rel_update=_mean_sem(upd.sqrt())[0], rel_closed=rel_closed,
-              seconds=time.perf_counter() - start)
+              seconds=time.perf_counter() - start, cpu_seconds=time.process_time() - cpu_start)
     run.slope = _slopes(st, run)
     return run
 
