@@ -100,12 +100,9 @@ class StudySpec:
         """The keys that vary between settings, in spec order."""
         if self.grid is not None:
             return [k for k, v in self.grid.items() if len(v) > 1] or list(self.grid)
-        keys: dict[str, set] = {}
-        for entry in self.runs:
-            for k, v in entry.items():
-                if k != "name":
-                    keys.setdefault(k, set()).add(repr(v))
-        return [k for k, values in keys.items() if len(values) > 1 or len(self.runs) == 1]
+        keys = list(dict.fromkeys(k for entry in self.runs for k in entry if k != "name"))
+        varying = [k for k in keys if len({repr(entry.get(k, "(base)")) for entry in self.runs}) > 1]
+        return varying or keys
 
     def resolve(self) -> list[Run]:
         """Every (setting, seed) as a Run with a validated config; names are unique and safe as folder names."""

@@ -1,0 +1,103 @@
+"""Study specs: grid expansion, explicit runs, scales, and every bad input named in one line."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from depthlab.errors import StudyError
+from depthlab.study.runner import prepare_study
+from depthlab.study.spec import builtin_names, builtin_scales, load_spec
+
+BASE = {"model": {"d_model": 32, "n_heads": 2, "seq_len": 32}, "trainer": {"max_steps": 5}}
+
+
+def spec(**kw):
+    return load_spec({"name": "s", "config": BASE, **kw})
+
+
+def test_grid_is_the_cartesian_product_times_seeds():
+    s = spec(grid={"model.n_layers": [2, 3], "optimizer.weight_decay": [0.0, 0.5]}, seeds=[0, 7])
+    runs = s.resolve()
+    assert [r.name for r in runs] == [
+        "L2_wd0__s0", "L2_wd0__s7", "L2_wd0.5__s0", "L2_wd0.5__s7",
+        "L3_wd0__s0", "L3_wd0__s7", "L3_wd0.5__s0", "L3_wd0.5__s7"]
+    r = runs[5]
+    assert r.label == "L3_wd0" and r.seed == 7 and r.setting == {"model.n_layers": 3, "optimizer.weight_decay": 0.0}
+    assert r.config["model"]["n_layers"] == 3 and r.config["trainer"]["seed"] == 7
+    assert r.config["model"]["d_model"] == 32 and r.config["trainer"]["max_steps"] == 5  # base config kept
+    assert s.knobs == ["model.n_layers", "optimizer.weight_decay"]
+
+
+def test_explicit_runs_with_names_and_nested_keys():
+    s = spec(runs=[{"name": "dense"}, {"name": "moe", "model": {"moe": {"num_experts": 4, "top_k": 1}}}])
+    runs = s.resolve()
+    assert [r.name for r in runs] == ["dense", "moe"]
+    assert runs[0].config["model"]["moe"]["num_experts"] == 0
+    assert runs[1].config["model"]["moe"]["num_experts"] == 4 and runs[1].config["model"]["moe"]["top_k"] == 1
+    assert s.knobs == ["model.moe.num_experts", "model.moe.top_k"]
+
+
+def test_grid_keys_that_are_not_config_keys_are_all_named():
+    with pytest.raises(StudyError, match=r"not config keys: model\.n_layer, trainer\.stepz"):
+        spec(grid={"model.n_layer": [2], "trainer.stepz": [1], "model.d_model": [32]})
+
+
+@pytest.mark.parametrize("grid, message", [({}, "the grid is empty"), ({"model.n_layers": []}, "no values"),
+                                           (None, "exactly one of 'grid'")])
+def test_empty_or_missing_grid(grid, message):
+    kw = {} if grid is None else {"grid": grid}
+    with pytest.raises(StudyError, match=message):
+        spec(**kw)
+
+
+def test_invalid_values_fail_before_anything_runs():
+    with pytest.raises(StudyError, match=r"run 'L3'.*model\.d_model \(32\) must be divisible by model\.n_heads \(3\)"):
+        spec(runs=[{"name": "L3", "model.n_heads": 3}])
+    with pytest.raises(StudyError, match="unknown spec key"):
+        spec(grid={"model.n_layers": [2]}, sedes=[1])
+    with pytest.raises(StudyError, match="measure.analysis"):
+        spec(grid={"model.n_layers": [2]}, measure={"analysis": ["usefulnes"]})
+    with pytest.raises(StudyError, match="measure.eval_tasks"):
+        spec(grid={"model.n_layers": [2]}, measure={"eval_tasks": ["arc_hard"]})
+    with pytest.raises(StudyError, match="duplicate seeds"):
+        spec(grid={"model.n_layers": [2]}, seeds=[1, 1])
+
+
+def test_run_names_must_be_folder_names_but_may_hold_html():
+    with pytest.raises(StudyError, match="cannot be a folder name"):
+        spec(runs=[{"name": "a/b"}])
+    with pytest.raises(StudyError, match="both named"):
+        spec(runs=[{"name": "x"}, {"name": "x", "model.n_layers": 3}])
+    assert spec(runs=[{"name": "<b>&x"}]).resolve()[0].name == "<b>&x"
+
+
+def test_builtin_studies_resolve_at_every_scale():
+    assert set(builtin_names()) >= {"depth", "weight_decay", "context", "gqa", "moe", "recipe"}
+    for name in builtin_names():
+        scales = builtin_scales(name)
+        assert set(scales) == {"tiny", "small", "paper"} and all(scales.values()), name
+        for scale in scales:
+            s = load_spec(name, scale)
+            assert s.resolve() and s.scale == scale and s.runtime
+    depth = load_spec("depth", "tiny")
+    assert [r.config["model"]["n_layers"] for r in depth.resolve()] == [2, 4, 8]
+    assert depth.resolve()[0].config["model"]["d_model"] == 128  # the tiny preset underneath
+    assert depth.measure.analysis_options["jacobian"]["probes"] == 8  # scale measure merged over the common one
+    assert [r.config["model"]["n_layers"] for r in load_spec("depth", "paper").resolve()] == [12, 16, 24, 32]
+    with pytest.raises(StudyError, match="no scale 'huge'"):
+        load_spec("depth", "huge")
+    with pytest.raises(StudyError, match="unknown study"):
+        load_spec("depht")
+
+
+def test_folder_of_another_spec_is_refused_showing_the_difference(tmp_path):
+    prepare_study(spec(grid={"model.n_layers": [2, 3]}), tmp_path)
+    prepare_study(spec(grid={"model.n_layers": [2, 3]}), tmp_path)  # the same spec again is fine
+    recorded = yaml.safe_load((tmp_path / "study.yaml").read_text())
+    assert recorded["grid"] == {"model.n_layers": [2, 3]}
+    with pytest.raises(StudyError, match=r"different study spec \(grid\.model\.n_layers: \[2, 3\] → \[2, 4\]"):
+        prepare_study(spec(grid={"model.n_layers": [2, 4]}), tmp_path)
+    with pytest.raises(StudyError, match=r"config\.trainer\.max_steps: 5 → 9"):
+        prepare_study(load_spec({"name": "s", "config": {**BASE, "trainer": {"max_steps": 9}},
+                                 "grid": {"model.n_layers": [2, 3]}}), tmp_path)
