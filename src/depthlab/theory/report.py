@@ -122,7 +122,8 @@ def _iid_answer(result) -> list[str]:
     hi, lo = int(np.argmax(ps)), int(np.argmin(ps))
     return [(f"iid/pre: the relative update ≈ 1/sqrt(l + l0) with l0 = σ0²/(p·d·σ_w²) = {_fmt(l0)} blocks: sparsity "
             f"acts only through l0 (the initial variance); with σ0 = {st.sigma0:g} the relative update at block "
-            f"{st.layers - 1} is {rel[lo]:.3g} at p = {ps[lo]:g} vs {rel[hi]:.3g} at p = {ps[hi]:g}")]
+            f"{st.layers - 1} is {rel[lo]:.3g} at p = {ps[lo]:g} vs {rel[hi]:.3g} at p = {ps[hi]:g} (smaller = "
+            "closer to the identity)")]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -178,10 +179,13 @@ def _run_figure(plt, run, st):
             ax.plot(xs, sim[i], color=colors[i], label=f"p = {p:g}")
             if closed is not None:
                 ax.plot(xs, closed[i], color=colors[i], linestyle="--", linewidth=1)
+    for i in range(len(run.densities)):
+        axes[1].plot(blocks, run.jac_mean[i], color=colors[i], linestyle=":", linewidth=1)
         ax.set_yscale("log")
         ax.set_title(title, fontsize=10)
         ax.set_xlabel(xlabel)
-    axes[0].legend(fontsize=8, title="solid: simulated\ndashed: closed form", title_fontsize=8)
+    axes[0].legend(fontsize=8, title="solid: simulated\ndashed: closed form\ndotted: token-averaged J",
+                   title_fontsize=8)
     fig.suptitle(f"{run.mask} masks, {run.norm} norm: d = {st.d_model}, {st.seeds} seeds, σ_w = {st.sigma_w:g}, "
                  f"σ0 = {st.sigma0:g}")
     fig.tight_layout()
