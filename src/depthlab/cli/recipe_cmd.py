@@ -1,4 +1,4 @@
-"""`depthlab recipe`: write a training config for a depth-effective model (the paper's rule of thumb, SPEC §8)."""
+"""`depthlab recipe`: write a training config for a depth-effective model (the paper's rule of thumb)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from depthlab.errors import ConfigError
 
 
 def register(sub, help_: str) -> None:
-    p = sub.add_parser("recipe", help=help_, description="Write a YAML training config with context 4096, "
-                       "weight decay 0.3 on matrices, GQA G=2 and an MoE FFN with k/E = 1/8, sized so the active "
-                       "parameters match the target. Each choice is explained, with the paper's evidence, in the "
-                       "file's comments. Train it with 'depthlab train FILE'.")
+    p = sub.add_parser("recipe", help=help_, description=(
+        "Write a YAML training config with context 4096, weight decay 0.3 on matrices, GQA G=2 and an MoE "
+        "FFN with k/E = 1/8, sized so the active parameters match the target. Each choice is explained, with "
+        "the paper's evidence, in the file's comments. Train it with 'depthlab train FILE'."))
     p.add_argument("--layers", type=int, required=True, help="number of blocks L")
     p.add_argument("--active-params", required=True, help="target active parameters, e.g. 400M, 1.2B, 1e9 "
                    "(non-expert + k/E of expert parameters, embeddings excluded)")
