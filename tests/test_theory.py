@@ -158,3 +158,10 @@ def test_cli_bad_input_is_one_line_exit_2(argv, tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "error" in err
+
+
+def test_cli_choices_match_the_simulator():
+    from depthlab.cli import theory_cmd
+    from depthlab.theory import simulate as sim
+
+    assert theory_cmd.MASKS == sim.MASKS and theory_cmd.NORMS == sim.NORMS

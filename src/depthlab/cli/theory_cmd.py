@@ -6,12 +6,17 @@ import argparse
 
 from depthlab.errors import ConfigError
 
+# depthlab.theory's MASKS and NORMS, spelled out so that building the parser does not import torch.
+MASKS = ("iid", "magnitude", "attention", "routing", "gqa")
+NORMS = ("pre", "lns", "post")
+
 
 def _densities(text: str) -> list[float]:
     try:
         return [float(_number(part)) for part in text.split(",") if part.strip()]
     except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 1,0.5,1/8, got '{text}'") from None
+        message = f"expected comma-separated numbers like 1,0.5,1/8, got '{text}'"
+        raise argparse.ArgumentTypeError(message) from None
 
 
 def _number(text: str) -> float:
@@ -21,16 +26,16 @@ def _number(text: str) -> float:
 
 
 def register(sub, help_: str) -> None:
-    p = sub.add_parser("theory", help=help_, description="Simulate Var(x_l) and the Jacobian distance "
-                       "||dx_{l+1}/dx_l - I||_F through a random residual stack whose sub-layers are sparse, and "
-                       "compare with the closed forms (SPEC §7). Writes results.json and PNG figures.")
-    p.add_argument("--mask", default="iid", choices=["iid", "magnitude", "attention", "routing", "gqa", "all"],
-                   help="sparsity mechanism (default iid)")
+    p = sub.add_parser("theory", help=help_, description=(
+        "Simulate Var(x_l) and the Jacobian distance ||dx_{l+1}/dx_l - I||_F through a random residual "
+        "stack whose sub-layers are sparse, and compare with the closed forms (SPEC §7). Writes results.json "
+        "and PNG figures."))
+    p.add_argument("--mask", default="iid", choices=[*MASKS, "all"], help="sparsity mechanism (default iid)")
     p.add_argument("--densities", type=_densities, default=[1, 0.5, 0.25, 0.125, 0.0625, 0.03125],
                    help="comma-separated densities p in (0, 1] (default 1,0.5,...,1/32)")
     p.add_argument("--layers", type=int, default=64, help="blocks L (default 64)")
     p.add_argument("--d-model", type=int, default=512, help="width d (default 512)")
-    p.add_argument("--norm", default="all", choices=["pre", "lns", "post", "all"],
+    p.add_argument("--norm", default="all", choices=[*NORMS, "all"],
                    help="norm placement: pre, lns (1/sqrt(l+1)), post, or all (default)")
     p.add_argument("--seeds", type=int, default=3, help="independent networks per density (default 3)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -55,9 +60,9 @@ def run(args) -> int:
     if not args.densities:
         raise ConfigError("--densities is empty")
     result = simulate(args.mask, densities=args.densities, layers=args.layers, d_model=args.d_model,
-                      norm=args.norm, seeds=args.seeds, seed=args.seed, tokens=args.tokens, sigma_w=args.sigma_w,
-                      sigma0=args.sigma0, experts=args.experts, heads=args.heads, support=args.support,
-                      jacobian=args.jacobian, probes=args.probes)
+                      norm=args.norm, seeds=args.seeds, seed=args.seed, tokens=args.tokens,
+                      sigma_w=args.sigma_w, sigma0=args.sigma0, experts=args.experts, heads=args.heads,
+                      support=args.support, jacobian=args.jacobian, probes=args.probes)
     paths = result.save(args.out)
     for run_ in result.runs:
         print(f"{run_.mask}/{run_.norm}: {run_.seconds:.1f} s ({run_.cpu_seconds:.1f} s CPU over "
