@@ -44,7 +44,7 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def matmul_peak(device, dtype, n=2048, repeats=5) -> float:
+def matmul_peak(device, dtype, n=1024, repeats=3) -> float:
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     a @ b
     sync(device)
@@ -91,8 +91,8 @@ def bench_shape(name, d, L, heads, T, batch, device, dtype, repeats) -> dict:
     tokens = batch * T
     flops = param_counts(cfg).flops_per_token * tokens
     result = {"shape": name, "tokens_per_step": tokens}
-    for key in times:
-        med = statistics.median(times[key])
+    for key, samples in times.items():
+        med = statistics.median(samples)
         result[f"{key}_tok_s"] = tokens / med
         result[f"{key}_flops"] = flops / med
     return result
@@ -108,12 +108,12 @@ def main() -> None:
     device = torch.device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     shapes = SHAPES[args.shapes or ("gpu" if device.type == "cuda" else "cpu")]
-    peak = matmul_peak(device, dtype)
     peaks = {str(dt).removeprefix("torch."): matmul_peak(device, dt) / 1e9 for dt in (torch.float32, torch.bfloat16)}
+    peak = peaks[str(dtype).removeprefix("torch.")] * 1e9
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}"
           + (f", {torch.cuda.get_device_name()}" if device.type == "cuda" else ""))
-    print("measured matmul peak (2048³): " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in peaks.items()))
+    print("measured matmul peak (1024³): " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in peaks.items()))
     print(f"training dtype: {str(dtype).removeprefix('torch.')}\n")
     print("| shape | tokens/step | depthlab tok/s | HF Llama tok/s | ratio | depthlab MFU | HF MFU |")
     print("| --- | --- | --- | --- | --- | --- | --- |")

@@ -9,8 +9,7 @@ import torch
 
 from depthlab.config import load_config
 
-WORDS = ("thou art the king of all land and yet night is long o my lord what say you to this fair morning when sun "
-         "doth rise upon sea").split()
+WORDS = ["thou", "art", "the", "king", "of", "all", "land", "and", "yet", "night", "is", "long", "o", "my", "lord", "what", "say", "you", "to", "this", "fair", "morning", "when", "sun", "doth", "rise", "upon", "sea"]
 
 
 @pytest.fixture(autouse=True)

@@ -63,6 +63,6 @@ def test_train_sample_export_from_the_command_line(tiny_dataset, tmp_path, capsy
 
 def test_module_entry_point_exits_2_without_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "depthlab", "train", "--preset", "tiny", "--out", str(tmp_path),
-                           "--optimizer.lr=-1"], capture_output=True, text=True, timeout=120)
+                           "--optimizer.lr=-1"], capture_output=True, text=True, check=False, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "depthlab train: error: optimizer.lr must be positive, got -1.0"

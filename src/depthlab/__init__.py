@@ -38,7 +38,8 @@ _EXPORTS = {
     "make_recipe": "depthlab.tools.recipe",
 }
 
-__all__ = ["__version__", *_EXPORTS]
+__all__ = ["__version__"]
+__all__ += list(_EXPORTS)
 
 
 def __getattr__(name: str):

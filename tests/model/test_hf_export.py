@@ -9,7 +9,7 @@ from depthlab.model.transformer import Transformer
 
 def build(**kw):
     torch.manual_seed(0)
-    cfg = dict(vocab_size=101, d_model=32, n_layers=3, n_heads=4, seq_len=32)
+    cfg = {"vocab_size": 101, "d_model": 32, "n_layers": 3, "n_heads": 4, "seq_len": 32}
     cfg.update(kw)
     m = Transformer(ModelConfig(**cfg))
     with torch.no_grad():

@@ -10,7 +10,7 @@ from depthlab.model.transformer import Block, Rotary, Transformer
 
 
 def tiny(**kw) -> ModelConfig:
-    base = dict(vocab_size=97, d_model=32, n_layers=4, n_heads=4, seq_len=16)
+    base = {"vocab_size": 97, "d_model": 32, "n_layers": 4, "n_heads": 4, "seq_len": 16}
     base.update(kw)
     return ModelConfig(**base)
 
@@ -85,7 +85,7 @@ def ref_ffn(x, ffn):
 
 
 def ref_block(b: Block, x, n_heads, n_kv, placement, s):
-    attn = lambda h: ref_attention(h, b.attn, n_heads, n_kv)  # noqa: E731
+    attn = lambda h: ref_attention(h, b.attn, n_heads, n_kv)
     if placement == "post":
         u = ref_rms(x + attn(x * s), b.norm1.weight)
         return ref_rms(u + ref_ffn(u * s, b.ffn), b.norm2.weight)

@@ -1,3 +1,4 @@
+import itertools
 import math
 
 import torch
@@ -51,4 +52,4 @@ def test_schedule_warmup_then_cosine_to_alpha_f():
     assert math.isclose(lr_at(60, 110, 1.0, s), 0.55)  # halfway: floor + (1-floor)/2
     assert math.isclose(lr_at(110, 110, 1.0, s), 0.1)
     lrs = [lr_at(i, 110, 1.0, s) for i in range(10, 111)]
-    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    assert all(a >= b for a, b in itertools.pairwise(lrs))

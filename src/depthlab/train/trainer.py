@@ -58,7 +58,7 @@ class JsonlLog:
             kept = [line for line in path.read_text().splitlines()
                     if line.strip() and _line_step(line) is not None and _line_step(line) <= resume_step]
             ckpt.atomic_write_text(path, "".join(line + "\n" for line in kept))
-        self._f = open(path, "a") if enabled else None
+        self._f = open(path, "a") if enabled else None  # noqa: SIM115 — held for the run; close() closes it
 
     def write(self, record: dict) -> None:
         if self.enabled:
