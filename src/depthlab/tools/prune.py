@@ -1,0 +1,315 @@
+"""`depthlab prune`: remove whole blocks from a model, keep it a valid model, and measure what it cost.
+
+Which blocks: a list (``"3,5-7"``), or ``auto`` with ``n`` blocks chosen on a calibration sample by
+
+* ``usefulness``: the n blocks whose linear replacement raises the loss least (lowest loss ratio, SPEC §5.4);
+* ``angular``: Gromov et al.'s rule, the n consecutive blocks whose input and output are closest in angular
+  distance (SPEC §5.2).
+
+Keeping the model valid is the subtle part. Hugging Face models carry each block's position in the cache:
+every attention's ``layer_idx`` indexes the KV cache, and ``config.num_hidden_layers`` / ``config.layer_types`` size
+it, so all of them are renumbered — otherwise generation with a cache silently mixes layers. depthlab models are
+rebuilt with fewer layers; LayerNorm Scaling multiplies block l's branch input by 1/sqrt(l+1) from its *position*,
+so a block moved from depth i to j would change its function: the factor ratio sqrt(j+1)/sqrt(i+1) is folded into
+the weights that read the branch input (q/k/v, gate/up, router), which keeps each block's original factor and
+survives saving. Mix-LN keeps its post-LN prefix by adjusting ``mix_fraction``.
+
+The pruned model is saved as a standard Hugging Face folder (safetensors + tokenizer); a depthlab model is exported
+with `depthlab.model.hf.export_hf` when it has a standard architecture, else saved as a depthlab run folder.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from depthlab.analysis import angular_distance, usefulness
+from depthlab.analysis.engine import BlockStack
+from depthlab.analysis.runner import write_atomic
+from depthlab.errors import DepthlabError
+
+PER_LAYER_CONFIG = ("layer_types", "no_rope_layers")
+"""Hugging Face config lists with one entry per layer, subset along with the blocks."""
+LAYER_INDEX_CONFIG = ("mlp_only_layers",)
+"""Hugging Face config lists of layer indices, renumbered to the kept blocks."""
+
+
+class PruneError(DepthlabError):
+    """The blocks to drop are malformed, out of range, or would leave no block."""
+
+
+@dataclass
+class Selection:
+    dropped: list[int]
+    method: str
+    """"list", "usefulness" or "angular"."""
+    scores: list[float] | None = None
+    """Per-block loss ratios (usefulness) or the chosen window's angular distance (angular)."""
+
+
+def parse_blocks(spec: str, n_layers: int) -> list[int]:
+    """'3,5-7' → [3, 5, 6, 7]; refuses malformed items, out-of-range indices and dropping every block."""
+    blocks: set[int] = set()
+    for item in str(spec).split(","):
+        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", item)
+        if not match:
+            raise PruneError(f"malformed block list {spec!r}: expected indices and ranges like '3,5-7'")
+        lo, hi = int(match.group(1)), int(match.group(2) or match.group(1))
+        if lo > hi:
+            raise PruneError(f"malformed range {item.strip()!r} in {spec!r}: start after end")
+        if hi >= n_layers:
+            raise PruneError(f"block {hi} is out of range: the model has blocks 0..{n_layers - 1}")
+        blocks.update(range(lo, hi + 1))
+    return _checked(sorted(blocks), n_layers)
+
+
+def _checked(dropped: list[int], n_layers: int) -> list[int]:
+    if any(not 0 <= b < n_layers for b in dropped):
+        raise PruneError(f"blocks {dropped} are out of range: the model has blocks 0..{n_layers - 1}")
+    if len(dropped) >= n_layers:
+        raise PruneError(f"cannot drop all {n_layers} blocks: at least one must remain")
+    if not dropped:
+        raise PruneError("no blocks to drop")
+    return sorted(dropped)
+
+
+def select_blocks(model, drop, *, input_ids: torch.Tensor | None = None, n: int | None = None,
+                  method: str = "usefulness", progress: bool = False) -> Selection:
+    """Resolve `drop` ("auto", a list string like "3,5-7", or a list of ints) to the blocks to remove."""
+    L = BlockStack(model).n_layers
+    if drop != "auto":
+        if isinstance(drop, str):
+            return Selection(parse_blocks(drop, L), "list")
+        return Selection(_checked(sorted({int(b) for b in drop}), L), "list")
+    if method not in ("usefulness", "angular"):
+        raise PruneError(f"unknown selection method {method!r}; choose usefulness or angular")
+    n = max(1, L // 4) if n is None else n
+    if not 1 <= n < L:
+        raise PruneError(f"--n must be between 1 and {L - 1} for a {L}-block model, got {n}")
+    if input_ids is None:
+        raise PruneError("drop='auto' needs a calibration sample (input_ids)")
+    if method == "usefulness":
+        ratios = usefulness(model, input_ids, bootstrap=0, progress=progress).loss_ratios
+        return Selection(sorted(sorted(range(L), key=ratios.__getitem__)[:n]), method, ratios)
+    window = angular_distance(model, input_ids, progress=progress).best_window(n)
+    return Selection(window["blocks"], method, [window["distance"]])
+
+
+def prune(model, drop, *, input_ids: torch.Tensor | None = None, n: int | None = None, method: str = "usefulness",
+          progress: bool = False) -> tuple[nn.Module, Selection]:
+    """A copy of `model` without the dropped blocks (see the module docstring), and how they were chosen.
+
+    The original model is left untouched. Works for depthlab Transformers and Hugging Face causal LMs.
+    """
+    selection = select_blocks(model, drop, input_ids=input_ids, n=n, method=method, progress=progress)
+    kept = [l for l in range(BlockStack(model).n_layers) if l not in selection.dropped]
+    if type(model).__module__.startswith("depthlab."):
+        return _prune_depthlab(model, kept), selection
+    return _prune_hf(model, kept), selection
+
+
+def _prune_hf(model: nn.Module, kept: list[int]) -> nn.Module:
+    pruned = copy.deepcopy(model)
+    blocks = BlockStack(pruned).blocks
+    L = len(blocks)
+    survivors = [blocks[i] for i in kept]
+    for i in reversed(range(L)):
+        del blocks[i]
+    blocks.extend(survivors)
+    for j, block in enumerate(blocks):
+        for module in block.modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = j
+    cfg = pruned.config
+    for name in PER_LAYER_CONFIG:
+        value = getattr(cfg, name, None)
+        if isinstance(value, list | tuple) and len(value) == L:
+            setattr(cfg, name, [value[i] for i in kept])
+    for name in LAYER_INDEX_CONFIG:
+        value = getattr(cfg, name, None)
+        if isinstance(value, list | tuple):
+            setattr(cfg, name, [j for j, i in enumerate(kept) if i in value])
+    cfg.num_hidden_layers = len(kept)
+    return pruned
+
+
+def _input_weights(block: nn.Module) -> list[torch.Tensor]:
+    """The weights of a depthlab block that read its branch inputs (where a LayerNorm-Scaling factor can fold in)."""
+    attn, ffn = block.attn, block.ffn
+    weights = [attn.wq.weight, attn.wk.weight, attn.wv.weight]
+    if hasattr(ffn, "router"):  # MoE
+        weights += [ffn.router.weight, ffn.experts.w_gate, ffn.experts.w_up]
+        if ffn.shared is not None:
+            weights += [ffn.shared.w_gate.weight, ffn.shared.w_up.weight]
+    else:
+        weights += [ffn.w_gate.weight, ffn.w_up.weight]
+    return weights
+
+
+def _prune_depthlab(model: nn.Module, kept: list[int]) -> nn.Module:
+    from depthlab.model.transformer import Transformer, block_placement
+
+    cfg = model.config
+    changes: dict = {"n_layers": len(kept)}
+    if cfg.norm == "mix":  # keep each block's placement: the post-LN blocks stay a prefix of the kept ones
+        n_post = sum(block_placement(cfg, i) == "post" for i in kept)
+        if n_post in (0, len(kept)):
+            changes["norm"] = "post" if n_post else "pre"
+        else:
+            changes["mix_fraction"] = (n_post + 0.5) / len(kept)
+    new_cfg = dataclasses.replace(cfg, **changes)
+    pruned = Transformer(new_cfg).to(device=next(model.parameters()).device, dtype=next(model.parameters()).dtype)
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if name.startswith("blocks."):
+            _, index, rest = name.split(".", 2)
+            if int(index) in kept:
+                state[f"blocks.{kept.index(int(index))}.{rest}"] = tensor
+        else:
+            state[name] = tensor
+    pruned.load_state_dict(state)
+    if cfg.lns:
+        with torch.no_grad():
+            for j, i in enumerate(kept):
+                ratio = ((j + 1) / (i + 1)) ** 0.5  # (1/sqrt(i+1)) / (1/sqrt(j+1))
+                for w in _input_weights(pruned.blocks[j]):
+                    w.mul_(ratio)
+    return pruned.eval()
+
+
+def save_pruned(model: nn.Module, tokenizer, out: str | Path, source_config: dict | None = None) -> str:
+    """Save a pruned model to `out` atomically; returns the format written ("hf" or "depthlab")."""
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if type(model).__module__.startswith("depthlab."):
+        from depthlab.model.hf import export_hf, exportable
+
+        if exportable(model.config) is None:
+            export_hf(model, tmp, tokenizer)
+            kind = "hf"
+        else:
+            _save_depthlab_run(model, tokenizer, tmp, source_config)
+            kind = "depthlab"
+    else:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        kind = "hf"
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return kind
+
+
+def _save_depthlab_run(model, tokenizer, folder: Path, source_config: dict | None) -> None:
+    """A depthlab run folder (config.yaml, tokenizer.json, one checkpoint) that `load_model` opens."""
+    import yaml
+
+    from depthlab import config as cfgmod
+    from depthlab.train import checkpoint as ckpt
+
+    folder.mkdir(parents=True)
+    config = cfgmod.from_dict(source_config) if source_config else cfgmod.Config()
+    config.model = model.config
+    (folder / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    ckpt.save_checkpoint(folder / "checkpoints", 0, ckpt.model_state(model), {}, keep_last=1)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+
+
+def heldout_nll(model, input_ids: torch.Tensor, micro_batch_size: int = 8) -> float:
+    """Mean next-token NLL over `input_ids` [N, T] (all windows full, so it is a plain token mean)."""
+    from depthlab.eval.scorer import forward_logits
+
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for i in range(0, len(input_ids), micro_batch_size):
+            ids = input_ids[i:i + micro_batch_size].to(device)
+            logits = forward_logits(model, ids)[:, :-1].float()
+            total += nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(),
+                                                 reduction="sum").double().item()
+            count += ids[:, 1:].numel()
+    return total / count
+
+
+def _measure(model, tokenizer, eval_ids, tasks, limit) -> dict:
+    import math
+
+    nll = heldout_nll(model, eval_ids)
+    row = {"nll": nll, "perplexity": math.exp(nll), "tokens": int(eval_ids[:, 1:].numel())}
+    if tasks:
+        from depthlab.eval import evaluate
+
+        res = evaluate(model, tokenizer, tasks, limit=limit)
+        row["tasks"] = {t: {k: v for k, v in r.items() if k.startswith(("acc", "acc_norm"))}
+                        for t, r in res["results"].items()}
+        row["average_acc"] = res["groups"]["average"].get("acc,none")
+    return row
+
+
+def prune_model(model: str | Path, drop, out: str | Path, *, n: int | None = None, method: str = "usefulness",
+                tasks: str | None = None, limit: int | None = None, num_samples: int = 8, seq_len: int = 128,
+                eval_samples: int = 8, seed: int = 0, data=None, dtype: str = "auto", device: str = "cpu",
+                progress: bool = False) -> dict:
+    """What `depthlab prune` does: load, choose, prune, measure before/after, save; returns the report.
+
+    Calibration (for drop="auto") and perplexity use disjoint windows of one seeded held-out sample: the first
+    `num_samples` windows choose the blocks, the next `eval_samples` measure perplexity. `tasks` (comma list)
+    adds zero-shot accuracy on the first `limit` examples of each task. Writes `out/prune_report.json`.
+    """
+    from depthlab.data import calibration_sample
+    from depthlab.loading import load_model
+    from depthlab.precision import resolve_dtype
+
+    if eval_samples < 1:
+        raise PruneError(f"eval_samples must be >= 1, got {eval_samples}")
+    net, tokenizer = load_model(model, device=device, dtype=resolve_dtype(dtype, device))
+    ids, sample = calibration_sample(tokenizer, text=data, num_samples=num_samples + eval_samples, seq_len=seq_len,
+                                     seed=seed)
+    calib, eval_ids = ids[:num_samples], ids[num_samples:]
+    pruned, selection = prune(net, drop, input_ids=calib, n=n, method=method, progress=progress)
+    before = _measure(net, tokenizer, eval_ids, tasks, limit)
+    after = _measure(pruned, tokenizer, eval_ids, tasks, limit)
+    source_config = None
+    if getattr(net, "checkpoint_path", None):
+        from depthlab import config as cfgmod
+
+        source_config = cfgmod.read_yaml(Path(net.checkpoint_path).parent.parent / "config.yaml")
+    kind = save_pruned(pruned, tokenizer, out, source_config)
+    L = BlockStack(net).n_layers
+    report = {"model": str(model), "n_layers_before": L, "n_layers_after": L - len(selection.dropped),
+              "dropped": selection.dropped, "kept": [l for l in range(L) if l not in selection.dropped],
+              "method": selection.method, "selection_scores": selection.scores, "saved_as": kind, "out": str(out),
+              "sample": {**sample, "calibration_windows": num_samples, "eval_windows": eval_samples},
+              "before": before, "after": after}
+    write_atomic(Path(out) / "prune_report.json", json.dumps(report, indent=1) + "\n")
+    return report
+
+
+def format_report(report: dict) -> str:
+    """The before/after table `depthlab prune` prints."""
+    b, a = report["before"], report["after"]
+    rows = [("blocks", str(report["n_layers_before"]), str(report["n_layers_after"])),
+            ("perplexity", f"{b['perplexity']:.3f}", f"{a['perplexity']:.3f}"),
+            ("nll (nats/token)", f"{b['nll']:.4f}", f"{a['nll']:.4f}")]
+    for task in b.get("tasks", {}):
+        for metric in ("acc,none", "acc_norm,none"):
+            if metric in b["tasks"][task]:
+                rows.append((f"{task} {metric.split(',')[0]}", f"{b['tasks'][task][metric]:.4f}",
+                             f"{a['tasks'][task][metric]:.4f}"))
+    if b.get("average_acc") is not None:
+        rows.append(("average acc", f"{b['average_acc']:.4f}", f"{a['average_acc']:.4f}"))
+    lines = [(f"dropped blocks {report['dropped']} ({report['method']}); saved as {report['saved_as']} folder "
+             f"{report['out']}"), "| | before | after |", "|---|---|---|"]
+    lines += [f"| {name} | {x} | {y} |" for name, x, y in rows]
+    return "\n".join(lines)
