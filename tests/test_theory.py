@@ -162,6 +162,6 @@ def test_cli_bad_input_is_one_line_exit_2(argv, tmp_path, capsys):
 
 def test_cli_choices_match_the_simulator():
     from depthlab.cli import theory_cmd
-    from depthlab.theory import simulate as sim
+    from depthlab.theory.simulate import MASKS, NORMS
 
-    assert theory_cmd.MASKS == sim.MASKS and theory_cmd.NORMS == sim.NORMS
+    assert theory_cmd.MASKS == MASKS and theory_cmd.NORMS == NORMS
