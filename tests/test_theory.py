@@ -127,6 +127,7 @@ def test_deterministic_by_seed():
     ({"mask": "routing", "densities": [0.3], "experts": 8}, "p·experts"),
     ({"mask": "gqa", "densities": [1 / 3], "heads": 4}, "divide heads"),
     ({"mask": "attention", "densities": [0.01], "tokens": 16}, "1/tokens"),
+    ({"mask": "gqa", "heads": 0}, "divisible by heads"),
     ({"mask": "bogus"}, "unknown mask"),
     ({"sigma_w": 0}, "sigma_w"),
 ])

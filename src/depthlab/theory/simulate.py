@@ -199,7 +199,7 @@ def validate(st: Settings) -> None:
               f"attention: density p = Σa² must be >= 1/tokens = {1 / st.tokens:.4g} (support <= tokens); "
               f"raise --tokens")
     if "gqa" in st.masks:
-        check(d % st.heads == 0 and st.heads >= 1, f"gqa: d_model ({d}) must be divisible by heads ({st.heads})")
+        check(st.heads >= 1 and d % st.heads == 0, f"gqa: d_model ({d}) must be divisible by heads ({st.heads})")
         bad = [p for p in ps if abs(1 / p - round(1 / p)) > 1e-9 or st.heads % round(1 / p)]
         check(not bad, f"gqa: density p = 1/G needs G = 1/p to divide heads ({st.heads}); bad: {bad}")
         check(1 <= st.support <= st.tokens, f"gqa: support must be in [1, tokens], got {st.support}")
