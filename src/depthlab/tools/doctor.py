@@ -64,8 +64,9 @@ class Diagnosis:
     near_identity: list[dict]
     """{layer, angular_distance, jacobian_rel, reasons} for each near-identity block."""
     out_var: list[float]
-    growth: dict
-    """Variance-vs-depth fits: {exponential: {rate, factor, r2_log}, linear: {slope, r2_log}, better}."""
+    growth: dict | None
+    """Variance-vs-depth fits: {exponential: {rate, factor, r2_log}, linear: {slope, r2_log}, better}; None for
+    models with fewer than 3 blocks."""
     sparsity: dict
     levers: list[dict]
     """{lever, recipe, model, status: present|absent|unknown}."""
@@ -95,11 +96,15 @@ class Diagnosis:
         else:
             lines.append("near-identity blocks: none")
         g = self.growth
-        e, li = g["exponential"], g["linear"]
-        lines.append(f"variance vs depth: {g['better']} fits better (R² on log-variance: exponential "
-                     f"{e['r2_log']:.3f}, linear {li['r2_log']:.3f}); exponential rate {e['rate']:.3f}/block "
-                     f"(x{e['factor']:.3f} per block), linear slope {li['slope']:.4g}/block; "
-                     f"last-block variance {self.out_var[-1]:.4g}")
+        if g is None:
+            lines.append(f"variance vs depth: too few blocks to fit a growth law; last-block variance "
+                         f"{self.out_var[-1]:.4g}")
+        else:
+            e, li = g["exponential"], g["linear"]
+            lines.append(f"variance vs depth: {g['better']} fits better (R² on log-variance: exponential "
+                         f"{e['r2_log']:.3f}, linear {li['r2_log']:.3f}); exponential rate {e['rate']:.3f}/block "
+                         f"(x{e['factor']:.3f} per block), linear slope {li['slope']:.4g}/block; "
+                         f"last-block variance {self.out_var[-1]:.4g}")
         sp = self.sparsity
         moe = "dense FFN" if sp["moe"] is None else (f"MoE k/E = {sp['moe']['top_k']}/{sp['moe']['num_experts']} "
                                                      f"= {sp['moe']['density']:.3f}")
@@ -276,7 +281,7 @@ def diagnose(model, tokenizer=None, input_ids: torch.Tensor | None = None, *, nu
         model=name or getattr(model, "source_path", None) or type(model).__name__, n_layers=L, d_model=d,
         sample=sample, tau=tau, loss_ratios=use.loss_ratios, useful_blocks=[l for l in range(L) if use.useful[l]],
         angular_distance=ang.angular_distance, jacobian_norm=jn, near_identity=near, out_var=var.out_var,
-        growth=growth_fits(var.out_var), sparsity=sparsity,
+        growth=growth_fits(var.out_var) if L >= 3 else None, sparsity=sparsity,
         levers=recipe_levers(shape, training_weight_decay(model)), warnings=warnings,
         seconds=time.perf_counter() - start)
 

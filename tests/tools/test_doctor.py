@@ -1,0 +1,88 @@
+"""`depthlab doctor`: the diagnosis agrees with the metrics it summarises, finds an identity block, fits growth laws
+correctly, reads the recipe levers from the config, and the CLI prints it / writes JSON / fails in one line."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from depthlab.analysis import usefulness
+from depthlab.cli import main
+from depthlab.tools.doctor import diagnose, growth_fits, recipe_levers
+
+from .conftest import llama
+
+V = 64
+
+
+def test_growth_fits_recover_the_law_that_generated_the_data():
+    exp = growth_fits([3.0 * 1.5**l for l in range(12)])
+    assert exp["better"] == "exponential"
+    assert exp["exponential"]["rate"] == pytest.approx(math.log(1.5)) and exp["exponential"]["r2_log"] == 1.0
+    lin = growth_fits([2.0 + 5.0 * l for l in range(12)])
+    assert lin["better"].startswith("linear")
+    assert lin["linear"]["slope"] == pytest.approx(5.0) and lin["linear"]["r2_log"] == pytest.approx(1.0)
+
+
+def test_recipe_levers():
+    shape = {"context": 2048, "n_heads": 8, "n_kv_heads": 8, "num_experts": None, "top_k": None}
+    levers = {lv["lever"]: lv["status"] for lv in recipe_levers(shape, None)}
+    assert levers == {"long context": "absent", "weight decay": "unknown", "GQA": "absent", "MoE": "absent"}
+    shape = {"context": 4096, "n_heads": 8, "n_kv_heads": 4, "num_experts": 64, "top_k": 8}
+    levers = {lv["lever"]: lv["status"] for lv in recipe_levers(shape, 0.3)}
+    assert set(levers.values()) == {"present"}
+    assert recipe_levers(shape, 0.0)[1]["status"] == "absent"
+
+
+def test_diagnosis_matches_the_metrics_and_flags_an_identity_block():
+    model = llama(V, layers=4)
+    with torch.no_grad():  # block 2 adds nothing to the stream: an exact identity map
+        model.model.layers[2].self_attn.o_proj.weight.zero_()
+        model.model.layers[2].mlp.down_proj.weight.zero_()
+    ids = torch.randint(0, V, (8, 16), generator=torch.Generator().manual_seed(0))
+    diag = diagnose(model, input_ids=ids, tau=0.05)
+    ratios = usefulness(model, ids, bootstrap=0).loss_ratios
+    assert diag.loss_ratios == pytest.approx(ratios)
+    assert diag.useful_blocks == [l for l in range(4) if ratios[l] > 1.05]
+    assert diag.effective_depth == len(diag.useful_blocks)
+    identity = [b for b in diag.near_identity if b["layer"] == 2]
+    assert identity and set(identity[0]["reasons"]) == {"cos", "J"}
+    assert diag.jacobian_norm[2] == pytest.approx(0.0, abs=1e-9) and diag.angular_distance[2] < 1e-6
+    assert diag.sparsity["gqa_group"] == 2 and diag.sparsity["moe"] is None
+    assert 0 < diag.sparsity["attention_normalized_entropy"] <= 1
+    assert not diag.warnings  # 128 tokens > d + 1 = 17
+    d = json.loads(json.dumps(diag.to_dict()))
+    assert d["effective_depth"] == diag.effective_depth and len(d["out_var"]) == 4
+    text = diag.render()
+    assert "near-identity blocks (" in text and "2 (cos/J)" in text and "[ absent] MoE" in text
+
+
+def test_too_few_tokens_warns():
+    model = llama(V, layers=2)
+    diag = diagnose(model, input_ids=torch.randint(0, V, (1, 12), generator=torch.Generator().manual_seed(0)))
+    assert diag.warnings and "every loss ratio is 1" in diag.warnings[0]
+
+
+def test_cli_doctor_on_a_depthlab_run(depthlab_run, tmp_path, capsys):
+    out = tmp_path / "diag.json"
+    assert main(["doctor", str(depthlab_run), "--num-samples", "4", "--seq-len", "32", "--json", str(out),
+                 "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    diag = json.loads(out.read_text())
+    assert diag["n_layers"] == 4 and diag["sample"]["num_samples"] == 4 and diag["sample"]["seq_len"] == 32
+    levers = {lv["lever"]: lv for lv in diag["levers"]}
+    assert levers["weight decay"]["model"] == "0.1" and levers["weight decay"]["status"] == "present"
+    assert levers["GQA"]["model"] == "G = 2" and levers["long context"]["status"] == "absent"
+    assert f"effective depth: {diag['effective_depth']} of 4 blocks useful" in printed
+
+
+@pytest.mark.parametrize("argv, message", [(["/nonexistent/model"], "no such model"),
+                                           (["--num-samples", "0"], "must be positive")])
+def test_cli_doctor_bad_input_is_one_line(hf_folder, capsys, argv, message):
+    args = ["doctor", *(argv if argv[0].startswith("/") else [str(hf_folder), *argv]), "--no-progress"]
+    assert main(args) == 2
+    err = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if line.startswith("depthlab")]
+    assert len(err) == 1 and message in err[0]
