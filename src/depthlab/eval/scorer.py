@@ -48,7 +48,8 @@ def context_length(model) -> int:
         if isinstance(value, int) and value > 0:
             return value
     raise EvalError(f"cannot tell the context length of {type(model).__name__}: its config has none of "
-                    "max_position_embeddings, n_positions, seq_len; pass context_length=")
+                    "max_position_embeddings, n_positions, seq_len; pass the length explicitly "
+                    "(max_length= to score, context_length= for perplexity)")
 
 
 def model_device(model) -> torch.device:
