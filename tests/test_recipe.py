@@ -1,4 +1,4 @@
-"""depthlab recipe: active parameters on target (checked against a built model), valid configs, explanations, CLI."""
+"""depthlab recipe: active parameters on target (vs a built model), valid configs, explanations, CLI."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from depthlab.model.params import param_counts
 from depthlab.tools.recipe import make_recipe, parse_count
 
 
-@pytest.mark.parametrize("layers, target", [(2, 1e6), (8, 10e6), (12, 50e6), (32, 400e6), (16, 1e9), (32, 1.2e9),
-                                            (64, 7e9)])
+@pytest.mark.parametrize("layers, target", [(2, 1e6), (8, 10e6), (12, 50e6), (32, 400e6), (16, 1e9),
+                                            (32, 1.2e9), (64, 7e9)])
 def test_active_params_within_10_percent_and_recipe_levers(layers, target):
     cfg, explanations = make_recipe(layers, target)
     m = cfg.model
@@ -26,13 +26,13 @@ def test_active_params_within_10_percent_and_recipe_levers(layers, target):
 
 
 def test_active_count_matches_a_built_model():
-    """The accounting the recipe solves with agrees with the parameters of the model depthlab actually builds."""
+    """The accounting the recipe solves with agrees with the parameters of the model depthlab builds."""
     from depthlab.model.transformer import Transformer
 
     cfg, _ = make_recipe(2, "1M")
     cfg.model.vocab_size = 64
     model = Transformer(cfg.model)
-    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n or n.startswith("experts."))
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
     embedding = model.embed.weight.numel() + model.lm_head.weight.numel()
     total = sum(p.numel() for p in model.parameters())
     moe = cfg.model.moe
@@ -85,8 +85,9 @@ def test_cli_writes_a_loadable_config(tmp_path, capsys):
     assert "seq_len: 4096" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv", [["--layers", "0", "--active-params", "1B"], ["--layers", "8", "--active-params",
-                                  "lots"], ["--layers", "8", "--active-params", "10M", "--budget-tokens", "x"]])
+@pytest.mark.parametrize("argv", [["--layers", "0", "--active-params", "1B"],
+                                  ["--layers", "8", "--active-params", "lots"],
+                                  ["--layers", "8", "--active-params", "10M", "--budget-tokens", "x"]])
 def test_cli_bad_input_is_one_line_exit_2(argv, capsys):
     assert main(["recipe", *argv]) == 2
     err = capsys.readouterr().err.strip()

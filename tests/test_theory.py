@@ -55,7 +55,8 @@ def test_routing_growth_is_k_over_e():
 def test_attention_rows_hit_the_target_support_and_first_block_follows_the_closed_form():
     gen = torch.Generator().manual_seed(1)
     target = torch.tensor([0.5, 0.125, 1 / 32])
-    rows = softmax_rows(torch.randn(1, 2000, 64, generator=gen), calibrate_beta(target, 64, gen).view(-1, 1, 1))
+    beta = calibrate_beta(target, 64, gen).view(-1, 1, 1)
+    rows = softmax_rows(torch.randn(1, 2000, 64, generator=gen), beta)
     assert (rows ** 2).sum(-1).mean(-1) == pytest.approx(target, rel=0.03)
     run = simulate("attention", densities=[1, 0.25, 0.0625], **SMALL).runs[0]
     first = run.var[:, 1] - run.var[:, 0]

@@ -1,14 +1,15 @@
 """The sparse sub-layers F_l of the simulated residual stack, one class per sparsity mechanism (SPEC §7 a–e).
 
-Every branch is *linear in its input* with fresh Gaussian weights per layer, which is what makes the closed forms in
-``simulate.py`` exact in expectation: with weights independent of the stream, E[x·F] = 0 and E||F||² depends only on
-the mask statistics. Shapes: the stream is ``[S, D, T, d]`` (seeds, densities, tokens, width). Weights are drawn once
-per seed and shared by all densities (common random numbers), so the densities differ only in their masks: the
-comparison across p is far less noisy than with independent draws, and the masks are nested in p.
+Every branch is *linear in its input* with fresh Gaussian weights per layer, which is what makes the closed
+forms in ``simulate.py`` exact in expectation: with weights independent of the stream, E[x·F] = 0 and E||F||²
+depends only on the mask statistics. Shapes: the stream is ``[S, D, T, d]`` (seeds, densities, tokens, width).
+Weights are drawn once per seed and shared by all densities (common random numbers), so the densities differ
+only in their masks: the comparison across p is far less noisy than with independent draws, and the masks are
+nested in p.
 
 ``branch.layer(gen)`` draws one layer's weights and returns the function ``u ↦ F(u)`` on normalised inputs.
-Normalisation: each branch has the *effective per-entry weight variance* σ_w² of one d×d matrix, so with all of it
-active each is statistically a dense linear layer, and E||F_t||²/d = p_var·d·σ_w² when ||u_t||² = d.
+Normalisation: each branch has the *effective per-entry weight variance* σ_w² of one d×d matrix, so with all
+of it active each is statistically a dense linear layer, and E||F_t||²/d = p_var·d·σ_w² when ||u_t||² = d.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def _linear(weight: torch.Tensor) -> Layer:
 
 
 class _Branch:
-    """Sizes shared by every mechanism: S seeds (independent networks side by side), width d, the densities."""
+    """Sizes shared by every mechanism: S seeds (networks side by side), width d, the densities."""
 
     def __init__(self, seeds: int, d: int, densities: torch.Tensor, sigma_w: float):
         self.seeds, self.d, self.p, self.sigma_w = seeds, d, densities, sigma_w
@@ -50,8 +51,8 @@ class IIDMask(_Branch):
 class MagnitudeMask(_Branch):
     """(b) Keep the largest-|w| fraction p of each matrix: the mask is a function of the weights.
 
-    For Gaussian weights this keeps the fraction ``m2(p) = p + 2·z·φ(z)`` of the weight energy (z = Φ⁻¹(1 − p/2)),
-    far more than p, so the variance grows with slope m2(p)·d·σ_w², not p·d·σ_w².
+    For Gaussian weights this keeps the fraction ``m2(p) = p + 2·z·φ(z)`` of the weight energy, with
+    z = Φ⁻¹(1 − p/2): far more than p, so the variance grows with slope m2(p)·d·σ_w², not p·d·σ_w².
     """
 
     def __init__(self, seeds: int, d: int, densities: torch.Tensor, sigma_w: float):
@@ -61,7 +62,7 @@ class MagnitudeMask(_Branch):
     def layer(self, gen: torch.Generator) -> Layer:
         w = _randn(self.seeds, 1, self.d, self.d, gen=gen, std=self.sigma_w)
         ranked = w.abs().flatten(1).sort(dim=1, descending=True).values  # [S, d²]
-        thresholds = ranked[:, [k - 1 for k in self.kept]]  # [S, D]: the k-th largest |w| per seed and density
+        thresholds = ranked[:, [k - 1 for k in self.kept]]  # [S, D]: k-th largest |w| per seed and density
         return _linear(w * (w.abs() >= thresholds[:, :, None, None]))
 
     @staticmethod
@@ -69,16 +70,18 @@ class MagnitudeMask(_Branch):
         """E[z²·1{|z| > t}] for z ~ N(0,1) and P(|z| > t) = p: the weight energy a magnitude mask keeps."""
         p = p.double()
         z = torch.special.ndtri(1 - p / 2)
-        return torch.where(p >= 1, torch.ones_like(p), p + 2 * z * torch.exp(-z * z / 2) / math.sqrt(2 * math.pi))
+        kept = p + 2 * z * torch.exp(-z * z / 2) / math.sqrt(2 * math.pi)
+        return torch.where(p >= 1, torch.ones_like(p), kept)
 
 
 class Routing(_Branch):
     """(d) Top-k of E experts per token (p = k/E), chosen by a random linear router on the normalised input.
 
-    The branch is a two-matrix linear map whose H hidden units are split into E experts of equal size; a token uses
-    the hidden units of its k experts (unit gates, dropless). With W1 ~ N(0, 1/d) and W2 ~ N(0, σ_w²·d/H) the product
-    has per-entry variance σ_w², and E||F||²/d = (k/E)·d·σ_w² exactly because the router is independent of W1, W2.
-    The routing decision is piecewise constant in the input, so the Jacobian is the chosen experts' linear map.
+    The branch is a two-matrix linear map whose H hidden units are split into E experts of equal size; a token
+    uses the hidden units of its k experts (unit gates, dropless). With W1 ~ N(0, 1/d) and W2 ~ N(0, σ_w²·d/H)
+    the product has per-entry variance σ_w², and E||F||²/d = (k/E)·d·σ_w² exactly because the router is
+    independent of W1, W2. The routing decision is piecewise constant in the input, so the Jacobian is the
+    chosen experts' linear map.
     """
 
     def __init__(self, seeds: int, d: int, densities: torch.Tensor, sigma_w: float, experts: int):
@@ -95,7 +98,8 @@ class Routing(_Branch):
         router = _randn(S, 1, self.experts, d, gen=gen)
 
         def forward(u: torch.Tensor) -> torch.Tensor:
-            rank = (u.detach() @ router.transpose(-1, -2)).argsort(-1, descending=True).argsort(-1)  # [S,D,T,E]
+            logits = u.detach() @ router.transpose(-1, -2)  # [S, D, T, E]
+            rank = logits.argsort(-1, descending=True).argsort(-1)
             units = (rank < self.top_k).repeat_interleave(self.unit, dim=-1)  # expert → its hidden units
             return ((u @ w1.transpose(-1, -2)) * units) @ w2.transpose(-1, -2)
 
@@ -103,7 +107,7 @@ class Routing(_Branch):
 
 
 def _multi_head(rows: torch.Tensor, wv: torch.Tensor, wo: torch.Tensor) -> Layer:
-    """Attention with fixed rows ([S, ·, H, T, T]), per-head value maps ([S, ·, H, dh, d]) and output map wo."""
+    """Attention with fixed rows [S, ·, H, T, T], per-head value maps [S, ·, H, dh, d], output map wo."""
 
     def forward(u: torch.Tensor) -> torch.Tensor:
         heads = rows @ torch.einsum("sptj,sphcj->sphtc", u, wv)  # [S, D, H, T, dh]
@@ -122,8 +126,9 @@ def softmax_rows(logits: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
 
 
 def calibrate_beta(target: torch.Tensor, tokens: int, gen: torch.Generator, rows: int = 4096) -> torch.Tensor:
-    """Inverse temperature β per target so that softmax(β·z) rows of ``tokens`` N(0,1) logits have mean Σ_j a_j² =
-    target (effective support 1/target). Bisection on log β over a fixed calibration sample (deterministic in gen)."""
+    """Inverse temperature β per target so that softmax(β·z) rows of ``tokens`` N(0,1) logits have mean Σ_j
+    a_j² = target (effective support 1/target). Bisection on log β over a fixed calibration sample
+    (deterministic in gen)."""
     z = torch.randn(rows, tokens, generator=gen, dtype=torch.float64)
     lo = torch.full(target.shape, -12.0, dtype=torch.float64)
     hi = torch.full(target.shape, 12.0, dtype=torch.float64)
@@ -140,10 +145,11 @@ def calibrate_beta(target: torch.Tensor, tokens: int, gen: torch.Generator, rows
 class Attention(_Branch):
     """(c) Single-head attention whose rows have effective support 1/p: Σ_s a_ts² = p on average.
 
-    Rows are softmax(β·z) of N(0,1) logits independent of the stream, with β calibrated per density; the value and
-    output maps multiply to a d×d map of per-entry std σ_w. At the first block (independent tokens) E||F||²/d =
-    p·d·σ_w² exactly; deeper, the shared value map correlates the token streams and the closed form is only a first
-    approximation. The position-summed Jacobian is (Σ_t a_ts)·W with E[(Σ_t a_ts)²] = p + (T−1)/T.
+    Rows are softmax(β·z) of N(0,1) logits independent of the stream, with β calibrated per density; the value
+    and output maps multiply to a d×d map of per-entry std σ_w. At the first block (independent tokens)
+    E||F||²/d = p·d·σ_w² exactly; deeper, the shared value map correlates the token streams and the closed
+    form is only a first approximation. The position-summed Jacobian is (Σ_t a_ts)·W, with
+    E[(Σ_t a_ts)²] = p + (T−1)/T.
     """
 
     def __init__(self, seeds: int, d: int, densities: torch.Tensor, sigma_w: float, tokens: int,
@@ -162,9 +168,10 @@ class Attention(_Branch):
 class GQA(_Branch):
     """(e) Multi-head attention where groups of G = 1/p query heads share one key/value head.
 
-    Every query head has its own attention rows (effective support ``support``); the G heads of a group read the same
-    value vectors. Density p = n_kv_heads / n_heads. The output map's columns are independent per head, so sharing
-    values leaves E||F||² and the expected Jacobian unchanged: the closed form does not depend on G.
+    Every query head has its own attention rows (effective support ``support``); the G heads of a group read
+    the same value vectors. Density p = n_kv_heads / n_heads. The output map's columns are independent per
+    head, so sharing values leaves E||F||² and the expected Jacobian unchanged: the closed form does not
+    depend on G.
     """
 
     def __init__(self, seeds: int, d: int, densities: torch.Tensor, sigma_w: float, tokens: int, heads: int,

@@ -32,8 +32,8 @@ def conclusions(result) -> list[str]:
         order = np.argsort(-ps)
         parts = []
         if run.norm != "post":
-            parts.append(f"Var growth ÷ d·σ_w² = {_fmt(np.array(run.slope)[order])} for p = {_fmt(ps[order])} "
-                         f"(closed form {_fmt(np.array(run.p_var)[order])})")
+            parts.append(f"Var growth ÷ d·σ_w² = {_fmt(np.array(run.slope)[order])} for "
+                         f"p = {_fmt(ps[order])} (closed form {_fmt(np.array(run.p_var)[order])})")
         if len(ps) > 1:
             parts.append(f"||J−I||_F ∝ p^{_exponent(ps, run.jac[:, 0]):.2f} at block 0 and "
                          f"p^{_exponent(ps, run.jac[:, -1]):.2f} at block {st.layers - 1} "
@@ -47,7 +47,7 @@ def conclusions(result) -> list[str]:
 
 
 def _increments(run, st, unit) -> tuple[np.ndarray, np.ndarray, int]:
-    """Measured Var increment ÷ the closed form's, at block 0 and averaged over the last quarter of the blocks."""
+    """Measured Var increment ÷ the closed form's: at block 0, and averaged over the last quarter."""
     s2 = 1 / np.arange(1, st.layers + 1) if run.norm == "lns" else np.ones(st.layers)
     ratio = np.diff(run.var, axis=1) / (s2 * np.array(run.p_var)[:, None] * unit)
     tail = max(1, st.layers // 4)
@@ -63,8 +63,10 @@ def _mechanism(run, st, ps, order, unit, tag) -> list[str]:
     if run.mask in ("attention", "gqa") and run.norm != "post":
         first, last, tail = _increments(run, st, unit)
         what = "Σa² = p" if run.mask == "attention" else f"Σa² = 1/{st.support:g}"
-        trend = ("mixing correlates the tokens, so attention's averaging damps the growth only in the first blocks"
-                 if last.max() > 1.5 * first.max() else "the closed form holds through depth")
+        if last.max() > 1.5 * first.max():
+            trend = "mixing correlates the tokens, so attention's averaging damps the growth only early on"
+        else:
+            trend = "the closed form holds through depth"
         lines = [(f"{tag}: Var increment ÷ closed form ({what}) = {_fmt(first[order])} at block 0, "
                  f"{_fmt(last[order])} over blocks {tail}–{st.layers - 1}: {trend}")]
         if run.mask == "gqa" and len(ps) > 1:
@@ -78,15 +80,16 @@ def _mechanism(run, st, ps, order, unit, tag) -> list[str]:
         return lines
     if run.mask == "routing":
         ratio = run.jac_mean[:, -1] / run.jac[:, -1]
+        verb = "cancel" if ratio[low] < 0.9 * ratio.max() else "do not cancel"
         return [(f"{tag}: token-averaged ||mean(J−I)||_F ÷ per-token RMS at block {st.layers - 1} = "
                 f"{_fmt(ratio[order])} (sqrt(p) = {_fmt(np.sqrt(ps[order]))}; ≈1 for a fixed mask): tokens "
-                f"routed to different experts {'cancel' if ratio[low] < 0.9 * ratio.max() else 'do not cancel'} "
-                f"in SPEC §5.3's averaged Jacobian")]
+                f"routed to different experts {verb} "
+                "in SPEC §5.3's averaged Jacobian")]
     return []
 
 
 def _norm_comparison(result) -> list[str]:
-    """Per mechanism, at the densest p: final variance and last-block Jacobian distance for each norm placement."""
+    """Per mechanism at the densest p: final variance and last-block Jacobian distance per norm."""
     st = result.settings
     if len(st.norms) < 2:
         return []
@@ -120,13 +123,13 @@ def _iid_answer(result) -> list[str]:
     rel = runs[0].rel_update[:, -1]
     l0 = st.sigma0 ** 2 / (ps * st.d_model * st.sigma_w ** 2)
     hi, lo = int(np.argmax(ps)), int(np.argmin(ps))
-    return [(f"iid/pre: the relative update ≈ 1/sqrt(l + l0) with l0 = σ0²/(p·d·σ_w²) = {_fmt(l0)} blocks: sparsity "
-            f"acts only through l0 (the initial variance); with σ0 = {st.sigma0:g} the relative update at block "
-            f"{st.layers - 1} is {rel[lo]:.3g} at p = {ps[lo]:g} vs {rel[hi]:.3g} at p = {ps[hi]:g} (smaller = "
-            "closer to the identity)")]
+    return [(f"iid/pre: the relative update ≈ 1/sqrt(l + l0) with l0 = σ0²/(p·d·σ_w²) = {_fmt(l0)} blocks: "
+             f"sparsity acts only through l0 (the initial variance); with σ0 = {st.sigma0:g} the relative "
+             f"update at block {st.layers - 1} is {rel[lo]:.3g} at p = {ps[lo]:g} vs {rel[hi]:.3g} at "
+             f"p = {ps[hi]:g} (smaller = closer to the identity)")]
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Output files
 
 
@@ -173,7 +176,8 @@ def _run_figure(plt, run, st):
     blocks = np.arange(st.layers)
     panels = [(run.var, run.var_closed, np.arange(st.layers + 1), "Var(x_l) (mean square per feature)", "l"),
               (run.jac, run.jac_closed, blocks, "||∂x_{l+1}/∂x_l − I||_F (RMS over tokens)", "block l"),
-              (run.rel_update, run.rel_closed, blocks, "relative update ||x_{l+1}−x_l|| / ||x_l||", "block l")]
+              (run.rel_update, run.rel_closed, blocks, "relative update ||x_{l+1}−x_l|| / ||x_l||",
+               "block l")]
     for ax, (sim, closed, xs, title, xlabel) in zip(axes, panels):
         for i, p in enumerate(run.densities):
             ax.plot(xs, sim[i], color=colors[i], label=f"p = {p:g}")
@@ -186,8 +190,8 @@ def _run_figure(plt, run, st):
         ax.set_xlabel(xlabel)
     axes[0].legend(fontsize=8, title="solid: simulated\ndashed: closed form\ndotted: token-averaged J",
                    title_fontsize=8)
-    fig.suptitle(f"{run.mask} masks, {run.norm} norm: d = {st.d_model}, {st.seeds} seeds, σ_w = {st.sigma_w:g}, "
-                 f"σ0 = {st.sigma0:g}")
+    fig.suptitle(f"{run.mask} masks, {run.norm} norm: d = {st.d_model}, {st.seeds} seeds, "
+                 f"σ_w = {st.sigma_w:g}, σ0 = {st.sigma0:g}")
     fig.tight_layout()
     return fig
 

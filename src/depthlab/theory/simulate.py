@@ -1,4 +1,4 @@
-"""Monte-Carlo variance propagation through residual stacks with sparse sub-layers, against closed forms (SPEC §7).
+"""Monte-Carlo variance propagation in residual stacks with sparse sub-layers vs closed forms (SPEC §7).
 
 The stack: ``x_0 ~ N(0, σ_0²)`` i.i.d. per token and feature, then per block l (0-based)
 
@@ -6,22 +6,23 @@ The stack: ``x_0 ~ N(0, σ_0²)`` i.i.d. per token and feature, then per block l
     post: x_{l+1} = N(x_l + F_l(x_l))
 
 with N the RMSNorm without affine weight (||N(x)||² = d) and F_l a fresh random *linear* branch of effective
-per-entry weight std σ_w, made sparse by one of the mechanisms in ``branches.py``. Linearity and fresh weights make
-the closed forms exact in expectation (E[x·F] = 0): with effective density p_var,
+per-entry weight std σ_w, made sparse by one of the mechanisms in ``branches.py``. Linearity and fresh weights
+make the closed forms exact in expectation (E[x·F] = 0): with effective density p_var,
 
     Var(x_{l+1}) = Var(x_l) + s_l²·p_var·d·σ_w²                     (pre: s_l = 1; lns: s_l = 1/sqrt(l+1))
     E||∂x_{l+1}/∂x_l − I||_F² = s_l²·p_jac·σ_w²·d·(d−1) / Var(x_l)  (given ||x_l||² = d·Var(x_l))
 
 i.e. SPEC §7's ``σ²_{l+1} = σ²_l + p·d·σ_w²`` and ``||J − I||_F ≈ sqrt(p)·d·σ_w/σ_l``. Here Var(x) is the mean
-square per feature (every feature has mean zero by the sign symmetry of the weights). p_var = p_jac = p for i.i.d.
-masks and routing; m2(p) for magnitude masks; Σa² (= p) for attention with p_jac = p + (T−1)/T (position-summed);
-1/support for GQA at every group size. Post-LN keeps Var = 1 after block 0 and its Jacobian distance follows
-``(1−c)²(d−1) + 1 + c²·p_jac·d·σ_w²·(d−1)`` with c = 1/sqrt(Var(x_l)(1 + p_var·d·σ_w²)) to leading order in 1/d.
+square per feature (every feature has mean zero by the sign symmetry of the weights). p_var = p_jac = p for
+i.i.d. masks and routing; m2(p) for magnitude masks; Σa² (= p) for attention with p_jac = p + (T−1)/T
+(position-summed); 1/support for GQA at every group size. Post-LN keeps Var = 1 after block 0 and its Jacobian
+distance follows ``(1−c)²(d−1) + 1 + c²·p_jac·d·σ_w²·(d−1)`` with c = 1/sqrt(Var(x_l)(1 + p_var·d·σ_w²)) to
+leading order in 1/d.
 
-Jacobians are per token (SPEC §5.3's position-summed column M_s = Σ_t ∂x'_t/∂x_s, which is the ordinary per-token
-Jacobian for token-wise branches), from vector-Jacobian products: exact with the d basis vectors as probes, or the
-unbiased Rademacher estimate ``E||Aᵀw||² = ||A||_F²``. Alongside the per-token RMS distance the simulator reports
-``||mean_s (M_s − I)||_F``, the token-averaged matrix of SPEC §5.3 on the simulated batch.
+Jacobians are per token (SPEC §5.3's position-summed column M_s = Σ_t ∂x'_t/∂x_s, which is the ordinary
+per-token Jacobian for token-wise branches), from vector-Jacobian products: exact with the d basis vectors as
+probes, or the unbiased Rademacher estimate ``E||Aᵀw||² = ||A||_F²``. Alongside the per-token RMS distance the
+simulator reports ``||mean_s (M_s − I)||_F``, the token-averaged matrix of SPEC §5.3 on the simulated batch.
 """
 
 from __future__ import annotations
@@ -68,8 +69,8 @@ class Settings:
     jacobian: str = "auto"
     """exact (d basis probes) | estimate (Rademacher probes) | auto (exact when d_model <= 64)."""
     probes: int = 2
-    """Rademacher probes per layer in estimate mode (each shared by a seed's tokens; the s.e. over seeds includes
-    the probe noise, about sqrt(2/d)/sqrt(probes·seeds) relative on ||J−I||_F²)."""
+    """Rademacher probes per layer in estimate mode (each shared by a seed's tokens; the s.e. over seeds
+    includes the probe noise, about sqrt(2/d)/sqrt(probes·seeds) relative on ||J−I||_F²)."""
 
     @property
     def exact_jacobian(self) -> bool:
@@ -78,7 +79,7 @@ class Settings:
 
 @dataclass
 class Run:
-    """One (mechanism, norm placement) sweep over the densities; arrays are [density, layer], mean over seeds."""
+    """One (mechanism, norm) sweep over the densities; arrays are [density, layer], mean over seeds."""
 
     mask: str
     norm: str
@@ -129,7 +130,7 @@ class SimulationResult:
                 "conclusions": self.conclusions, "runs": [r.to_dict() for r in self.runs]}
 
     def save(self, out: str) -> list[str]:
-        """Write results.json (atomically) and one PNG per run plus a summary figure into ``out``; return paths."""
+        """Write results.json (atomically), a PNG per run and a summary figure into ``out``; return paths."""
         from depthlab.theory.report import save
 
         return save(self, out)
@@ -145,7 +146,8 @@ def simulate(mask: str | list[str] = "iid", densities=DEFAULT_DENSITIES, layers:
     from depthlab.theory.report import conclusions
 
     st = Settings(masks=_names(mask, MASKS, "mask"), norms=_names(norm, NORMS, "norm"),
-                  densities=[float(p) for p in densities], layers=layers, d_model=d_model, seeds=seeds, seed=seed)
+                  densities=[float(p) for p in densities], layers=layers, d_model=d_model, seeds=seeds,
+                  seed=seed)
     for key, value in options.items():
         if not hasattr(st, key) or key in ("masks", "norms", "densities"):
             raise ConfigError(f"unknown simulation option '{key}'")
@@ -181,17 +183,20 @@ def validate(st: Settings) -> None:
     check(2 <= d <= 8192, f"d_model must be in [2, 8192], got {d}")
     check(1 <= st.seeds <= 1000, f"seeds must be in [1, 1000], got {st.seeds}")
     check(2 <= st.tokens <= 4096, f"tokens must be in [2, 4096], got {st.tokens}")
-    check(st.sigma_w > 0 and st.sigma0 > 0, f"sigma_w and sigma0 must be positive, got {st.sigma_w}, {st.sigma0}")
-    check(st.jacobian in ("auto", "exact", "estimate"), f"jacobian must be auto|exact|estimate, got {st.jacobian}")
+    check(st.sigma_w > 0 and st.sigma0 > 0,
+          f"sigma_w and sigma0 must be positive, got {st.sigma_w}, {st.sigma0}")
+    check(st.jacobian in ("auto", "exact", "estimate"),
+          f"jacobian must be auto|exact|estimate, got {st.jacobian}")
     check(st.probes >= 1, f"probes must be >= 1, got {st.probes}")
     check(st.seeds * len(ps) * d * d <= MAX_WEIGHT_FLOATS,
           f"seeds × densities × d_model² = {st.seeds * len(ps) * d * d:.3g} floats per layer is too large "
           f"(max {MAX_WEIGHT_FLOATS:.3g}); use fewer seeds/densities or a smaller d_model")
     if "magnitude" in st.masks:
-        check(all(p * d * d >= 1 for p in ps), f"magnitude: every density must keep >= 1 of the {d * d} weights")
+        check(all(p * d * d >= 1 for p in ps),
+              f"magnitude: every density must keep >= 1 of the {d * d} weights")
     if "routing" in st.masks:
         check(st.experts >= 1, f"experts must be >= 1, got {st.experts}")
-        bad = [p for p in ps if abs(p * st.experts - round(p * st.experts)) > 1e-9 or round(p * st.experts) < 1]
+        bad = [p for p in ps if abs(p * st.experts - round(p * st.experts)) > 1e-9 or p * st.experts < 0.5]
         check(not bad, f"routing: density p = k/E needs p·experts to be a positive integer (experts = "
                        f"{st.experts}); bad: {bad}")
     if "attention" in st.masks:
@@ -199,7 +204,8 @@ def validate(st: Settings) -> None:
               f"attention: density p = Σa² must be >= 1/tokens = {1 / st.tokens:.4g} (support <= tokens); "
               f"raise --tokens")
     if "gqa" in st.masks:
-        check(st.heads >= 1 and d % st.heads == 0, f"gqa: d_model ({d}) must be divisible by heads ({st.heads})")
+        check(st.heads >= 1 and d % st.heads == 0,
+              f"gqa: d_model ({d}) must be divisible by heads ({st.heads})")
         bad = [p for p in ps if abs(1 / p - round(1 / p)) > 1e-9 or st.heads % round(1 / p)]
         check(not bad, f"gqa: density p = 1/G needs G = 1/p to divide heads ({st.heads}); bad: {bad}")
         check(1 <= st.support <= st.tokens, f"gqa: support must be in [1, tokens], got {st.support}")
@@ -281,8 +287,9 @@ def _sweep(st: Settings, mask: str, norm: str) -> Run:
     var, var_sem = _mean_sem(msq)
     jac, jac_sem = _mean_sem(jac_tok.sqrt())
     run = Run(mask=mask, norm=norm, densities=list(st.densities), p_var=p_var.tolist(), p_jac=p_jac.tolist(),
-              var=var, var_sem=var_sem, var_closed=var_closed, jac=jac, jac_sem=jac_sem, jac_closed=jac_closed,
-              jac_mean=_mean_sem(jac_avg.sqrt())[0], rel_update=_mean_sem(upd.sqrt())[0], rel_closed=rel_closed,
+              var=var, var_sem=var_sem, var_closed=var_closed, jac=jac, jac_sem=jac_sem,
+              jac_closed=jac_closed, jac_mean=_mean_sem(jac_avg.sqrt())[0],
+              rel_update=_mean_sem(upd.sqrt())[0], rel_closed=rel_closed,
               seconds=time.perf_counter() - start, cpu_seconds=time.process_time() - cpu_start)
     run.slope = _slopes(st, run)
     return run
@@ -305,8 +312,8 @@ def _jacobian(x: torch.Tensor, new: torch.Tensor, probes: torch.Tensor, weight: 
     """Σ over probes of weight·||(M_s − I)ᵀw||² averaged over tokens s, and of weight·||mean_s (M_s − I)ᵀw||².
 
     M_s = Σ_t ∂x'_t/∂x_s (SPEC §5.3's position-summed Jacobian column; the per-token Jacobian for token-wise
-    branches). With the same cotangent w on every token, one vector-Jacobian product gives wᵀM_s for all s at once;
-    the probes ([P, S, 1, 1, d]) go through one batched backward.
+    branches). With the same cotangent w on every token, one vector-Jacobian product gives wᵀM_s for all s at
+    once; the probes ([P, S, 1, 1, d]) go through one batched backward.
     """
     cot = probes.expand(-1, *new.shape).contiguous()
     (vjp,) = torch.autograd.grad(new, x, cot, retain_graph=True, is_grads_batched=True)
@@ -317,9 +324,9 @@ def _jacobian(x: torch.Tensor, new: torch.Tensor, probes: torch.Tensor, weight: 
 
 
 def _probes(st: Settings, gen: torch.Generator, chunk: int = 16):
-    """Batches of probes w ([P, S, 1, 1, d]) with weights so that Σ weight·||Aᵀw||² = ||A||_F² exactly (the d basis
-    vectors) or in expectation (Rademacher). A probe is shared by all tokens of a seed, so the token-averaged
-    Jacobian is estimated from the same products."""
+    """Batches of probes w ([P, S, 1, 1, d]) with weights so that Σ weight·||Aᵀw||² = ||A||_F² exactly (the d
+    basis vectors) or in expectation (Rademacher). A probe is shared by all tokens of a seed, so the
+    token-averaged Jacobian is estimated from the same products."""
     d = st.d_model
     if st.exact_jacobian:
         eye = torch.eye(d).view(d, 1, 1, 1, d)
@@ -342,7 +349,7 @@ def _mean_sem(values: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _slopes(st: Settings, run: Run) -> list[float | None]:
-    """Fit Var_l = a + b·depth_l (depth_l = l for pre, Σ_{k≤l} 1/k for lns) and return b/(d·σ_w²) per density."""
+    """Fit Var_l = a + b·depth_l (l for pre, Σ_{k≤l} 1/k for lns); return b/(d·σ_w²) per density."""
     if run.norm == "post":
         return [None] * len(run.densities)
     steps = 1 / np.arange(1, st.layers + 1) if run.norm == "lns" else np.ones(st.layers)
