@@ -64,7 +64,8 @@ def _mechanism(run, st, ps, order, unit, tag) -> list[str]:
         first, last, tail = _increments(run, st, unit)
         what = "Σa² = p" if run.mask == "attention" else f"Σa² = 1/{st.support:g}"
         if last.max() > 1.5 * first.max():
-            trend = "mixing correlates the tokens, so attention's averaging damps the growth only early on"
+            trend = ("mixing correlates the tokens, so attention's averaging damps the growth only in the "
+                     "first blocks")
         else:
             trend = "the closed form holds through depth"
         lines = [(f"{tag}: Var increment ÷ closed form ({what}) = {_fmt(first[order])} at block 0, "
