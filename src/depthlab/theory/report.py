@@ -82,10 +82,13 @@ def _mechanism(run, st, ps, order, unit, tag) -> list[str]:
     if run.mask == "routing":
         ratio = run.jac_mean[:, -1] / run.jac[:, -1]
         verb = "cancel" if ratio[low] < 0.9 * ratio.max() else "do not cancel"
+        # Each token keeps a fraction p of the hidden units, independently across tokens: the token-mean mask
+        # has E[m̄²] = p² + p(1 − p)/T per unit against p for one token (a fixed mask keeps the ratio at 1).
+        closed = ("" if run.norm == "post" else
+                  f" (closed form sqrt(p + (1−p)/T) = {_fmt(np.sqrt(ps + (1 - ps) / st.tokens)[order])})")
         return [(f"{tag}: token-averaged ||mean(J−I)||_F ÷ per-token RMS at block {st.layers - 1} = "
-                f"{_fmt(ratio[order])} (sqrt(p) = {_fmt(np.sqrt(ps[order]))}; ≈1 for a fixed mask): tokens "
-                f"routed to different experts {verb} "
-                "in SPEC §5.3's averaged Jacobian")]
+                 f"{_fmt(ratio[order])}{closed}: tokens routed to different experts {verb} in SPEC §5.3's "
+                 "averaged Jacobian, a fixed mask would give 1")]
     return []
 
 
