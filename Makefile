@@ -10,6 +10,9 @@ STAMP := $(VENV)/.installed
 .PHONY: setup demo test bench lint clean
 
 setup: $(STAMP)
+	@# headless Chromium for the study report's browser test (skipped with a reason where it cannot be installed)
+	@test -x /usr/bin/chromium || ! command -v apt-get >/dev/null || apt-get install -y chromium \
+		|| echo "chromium not installed: tests/study/test_browser.py will be skipped"
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -36,6 +36,8 @@ from depthlab.study.spec import StudySpec, load_spec, spec_difference
 from depthlab.train.checkpoint import atomic_write_text
 
 STATES = ("done", "running", "failed", "interrupted", "pending")
+DESCRIPTIVE = ("description:", "runtime:")
+"""Spec keys that do not change results: editing them does not make a study folder a different study."""
 
 
 def _now() -> str:
@@ -67,7 +69,7 @@ def prepare_study(spec: StudySpec, out: str | Path) -> list[Path]:
     current = spec.to_dict()
     if recorded_path.exists():
         recorded = yaml.safe_load(recorded_path.read_text()) or {}
-        differences = spec_difference(recorded, current)
+        differences = [d for d in spec_difference(recorded, current) if not d.startswith(DESCRIPTIVE)]
         if differences:
             shown = "; ".join(differences[:6]) + (f"; … ({len(differences)} in all)" if len(differences) > 6 else "")
             raise StudyError(f"{out} holds a different study spec ({shown}): use another --out, or the original spec")
@@ -241,7 +243,8 @@ def run_study(spec: StudySpec | str | Path, out: str | Path | None = None, *, sc
               jobs: int = 1, only: list[str] | None = None, nproc_per_node: int = 1, log=print) -> dict[str, str]:
     """Run every unfinished run of a study (a StudySpec, built-in name or YAML path) into `out`.
 
-    jobs: runs executed at once, each a subprocess with OMP_NUM_THREADS = cores / (jobs · nproc_per_node) and, on
+    jobs: runs executed at once, each a subprocess with OMP_NUM_THREADS = cores / (jobs · nproc_per_node) (at most
+    the caller's OMP_NUM_THREADS when set) and, on
     a multi-GPU machine, its own GPUs. only: run just these run names (a cluster job per run). Finished runs are
     skipped; failed or interrupted ones are retried and resume. Returns {run name: final state}; a failed run does not
     stop the others.
@@ -251,13 +254,14 @@ def run_study(spec: StudySpec | str | Path, out: str | Path | None = None, *, sc
     if jobs < 1 or nproc_per_node < 1:
         raise StudyError(f"--jobs and --nproc-per-node must be >= 1, got {jobs} and {nproc_per_node}")
     out = Path(out) if out is not None else Path("studies") / (spec.name + (f"-{spec.scale}" if spec.scale else ""))
-    folders = prepare_study(spec, out)
     if only:
-        names = {f.name for f in folders}
+        names = [run.name for run in spec.resolve()]
         unknown = [n for n in only if n not in names]
         if unknown:
             raise StudyError(f"no run named {', '.join(map(repr, unknown))} in study '{spec.name}'; runs: "
-                             f"{', '.join(sorted(names))}")
+                             f"{', '.join(names)}")
+    folders = prepare_study(spec, out)
+    if only:
         folders = [f for f in folders if f.name in only]
     todo = []
     for folder in folders:
@@ -285,6 +289,8 @@ def _gpu_count() -> int:
 def _run_pool(todo: list[Path], jobs: int, nproc_per_node: int, log) -> None:
     """Run the folders as subprocesses, `jobs` at a time; record a failure for a process that died silently."""
     threads = max(1, _cores() // (jobs * nproc_per_node))
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():  # the user's own cap (e.g. on a shared machine) wins
+        threads = max(1, min(threads, int(os.environ["OMP_NUM_THREADS"])))
     gpus = _gpu_count() if todo else 0
     free_slots = list(range(jobs))
     active: dict[subprocess.Popen, tuple[Path, int, Any, float]] = {}
