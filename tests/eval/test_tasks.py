@@ -111,13 +111,13 @@ def test_same_requests_and_answers_as_lm_eval():
     """Our requests and gold answers equal those lm-eval builds from its own task configs, for the first 40
     documents of every task (the whole files agree too; that takes minutes)."""
     pytest.importorskip("lm_eval")
-    from lm_eval.tasks import TaskManager, get_task_dict
+    from lm_eval.tasks import TaskManager
 
     from depthlab.eval.lmeval import write_task_configs
 
     with tempfile.TemporaryDirectory() as folder:
         manager = TaskManager(include_path=str(write_task_configs(list(TASKS), folder)), include_defaults=False)
-        task_objects = get_task_dict(list(TASKS), manager)
+        task_objects = manager.load(list(TASKS))["tasks"]
     for name, task in task_objects.items():
         task.build_all_requests(limit=40, rank=0, world_size=1)
         theirs: dict[int, list] = {}
