@@ -132,6 +132,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: Dist) -> TrainResult:
         raise ConfigError(f"per-rank batch ({rank_batch}) must be divisible by trainer.micro_batch_size ({micro})")
     n_micro = rank_batch // micro
 
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--out {run_dir} is a file, not a run folder")
     ckpt_dir = run_dir / "checkpoints"
     start_step, state = 0, None
     if resume:
