@@ -42,6 +42,17 @@ def resolve_dtype(dtype) -> torch.dtype | None:
     return DTYPES[dtype]
 
 
+def resolve_device(device: str | torch.device) -> torch.device:
+    """A device this machine has: a misspelt name or CUDA on a CPU-only machine is a one-line error, not a crash."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ModelLoadError(f"unknown device {str(device)!r} (e.g. cpu, cuda, cuda:1, mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {device} requested but CUDA is not available on this machine")
+    return device
+
+
 def alias_path(name: str) -> Path:
     """The file an alias stands for, found inside its installed package (without importing the package)."""
     package, filename = ALIASES[name]
@@ -63,6 +74,7 @@ def load_model(name_or_path: str | Path, *, device: str | torch.device = "cpu", 
     Errors (missing path, unsupported or non-causal architecture, unreachable hub) are one-line ModelLoadErrors.
     """
     dtype = resolve_dtype(dtype)
+    device = resolve_device(device)
     name = str(name_or_path)
     if name in ALIASES:
         return _load_gguf(alias_path(name), device, dtype, trust_remote_code)
