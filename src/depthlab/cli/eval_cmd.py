@@ -49,6 +49,9 @@ def run(args) -> int:
         resolve_tasks(tasks)  # fail on a bad task name before spending time loading the model
     if args.limit is not None and args.limit < 1:
         raise EvalError(f"--limit must be a positive number of examples, got {args.limit}")
+    for flag, value in (("--ppl-context", args.ppl_context), ("--ppl-stride", args.ppl_stride)):
+        if value is not None and value < 1:  # 0 would otherwise silently mean "the default"
+            raise EvalError(f"{flag} must be a positive number of tokens, got {value}")
     if args.log_samples and not args.out:
         raise EvalError("--log-samples writes files: give --out DIR")
     if args.backend == "lm-eval" and args.ppl_data:
