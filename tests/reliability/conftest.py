@@ -1,0 +1,65 @@
+"""Fixtures of the reliability suite: a finished tiny run and a folder of malformed inputs beside it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import tiny_config
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    """Hub ids must fail fast and the same way on every machine: never reach the network."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+
+
+def snapshot(root: Path) -> dict[str, int]:
+    """Every path under `root` with its modification time (ns): equal snapshots mean nothing was written."""
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in sorted(root.rglob("*"))}
+
+
+def write_config(cfg, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def workspace(tiny_dataset, tmp_path_factory):
+    """A folder with a trained 2-step tiny run (`run/`), its config (`cfg.yaml`) and malformed files of every kind."""
+    from depthlab.train.trainer import train
+
+    root = tmp_path_factory.mktemp("workspace")
+    cfg = tiny_config(tiny_dataset, "--trainer.max_steps=2", "--trainer.eval_interval=0")
+    write_config(cfg, root / "cfg.yaml")
+    train(cfg, root / "run")
+    files = {
+        "bad.yaml": "model: [unclosed\n",
+        "list.yaml": "- 1\n- 2\n",
+        "type.yaml": "model:\n  n_layers: four\n",
+        "afile": "not a folder\n",
+        "bad.jsonl": "{not json\n",
+        "nofield.jsonl": '{"body": "text under the wrong key"}\n',
+        "hfbad/config.json": "{not json",
+        "hfnoweights/config.json": json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}),
+        "baddata/meta.json": "garbage",
+        "spec_badkey.yaml": "name: s\nfoo: 1\ngrid: {model.n_layers: [2]}\n",
+        "spec_badgrid.yaml": "name: s\ngrid: {model.n_layerz: [2]}\n",
+        "spec_badmetric.yaml": "name: s\ngrid: {model.n_layers: [2]}\nmeasure: {analysis: [nope]}\n",
+        "spec_badtask.yaml": "name: s\ngrid: {model.n_layers: [2]}\nmeasure: {eval_tasks: [nope]}\n",
+        "spec_notmap.yaml": "[1, 2]\n",
+        "spec_badval.yaml": "name: s\ngrid: {model.n_layers: [0]}\n",
+        "spec_seeds.yaml": "name: s\ngrid: {model.n_layers: [2]}\nseeds: [a]\n",
+        "spec_both.yaml": "name: s\ngrid: {model.n_layers: [2]}\nruns: [{model.n_layers: 2}]\n",
+        "spec_limit.yaml": "name: s\ngrid: {model.n_layers: [2]}\nmeasure: {eval_limit: -3}\n",
+    }
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    (root / "binary.yaml").write_bytes(b"\xff\xfe\x00\x80garbage")
+    (root / "empty").mkdir()
+    return root
