@@ -78,5 +78,7 @@ def test_sources_and_errors(llama, tokenizer, tmp_path):
         perplexity(llama, tokenizer, source=tmp_path / "missing.txt")
     with pytest.raises(EvalError, match="exactly one"):
         perplexity(llama, tokenizer)
+    with pytest.raises(EvalError, match="context_length must be in"):
+        perplexity(llama, tokenizer, TEXT, context_length=10_000)
     with pytest.raises(EvalError, match="stride"):
         perplexity(llama, tokenizer, TEXT, context_length=8, stride=9)

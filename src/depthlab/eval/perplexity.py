@@ -80,7 +80,10 @@ def perplexity(model, tokenizer, text: str | Sequence[str] | None = None, *, sou
     docs = [d for d in docs if d]
     if not docs:
         raise EvalError(f"perplexity data {name} has no text")
-    length = context_length or model_context_length(model)
+    length = model_context_length(model) if context_length is None else context_length
+    if context_length is not None and not 1 <= context_length <= model_context_length(model):
+        raise EvalError(f"context_length must be in [1, {model_context_length(model)}] (the model's context), got "
+                        f"{context_length}")
     stride = stride or length
     if not 1 <= stride <= length:
         raise EvalError(f"stride must be in [1, context_length={length}], got {stride}")
