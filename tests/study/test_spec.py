@@ -82,7 +82,9 @@ def test_builtin_studies_resolve_at_every_scale():
             assert s.resolve() and s.scale == scale and s.runtime
     depth = load_spec("depth", "tiny")
     assert [r.config["model"]["n_layers"] for r in depth.resolve()] == [2, 4, 8]
-    assert depth.resolve()[0].config["model"]["d_model"] == 128  # the tiny preset underneath
+    tiny_run = depth.resolve()[0].config
+    assert tiny_run["model"]["d_model"] == 64 and tiny_run["trainer"]["max_steps"] == 400  # the scale's config
+    assert tiny_run["optimizer"]["lr"] == 3e-3  # the tiny preset underneath
     assert depth.measure.analysis_options["jacobian"]["probes"] == 8  # scale measure merged over the common one
     assert [r.config["model"]["n_layers"] for r in load_spec("depth", "paper").resolve()] == [12, 16, 24, 32]
     with pytest.raises(StudyError, match="no scale 'huge'"):
@@ -96,6 +98,8 @@ def test_folder_of_another_spec_is_refused_showing_the_difference(tmp_path):
     prepare_study(spec(grid={"model.n_layers": [2, 3]}), tmp_path)  # the same spec again is fine
     recorded = yaml.safe_load((tmp_path / "study.yaml").read_text())
     assert recorded["grid"] == {"model.n_layers": [2, 3]}
+    prepare_study(spec(grid={"model.n_layers": [2, 3]}, description="reworded"), tmp_path)  # descriptive: accepted
+    assert yaml.safe_load((tmp_path / "study.yaml").read_text())["description"] == "reworded"
     with pytest.raises(StudyError, match=r"different study spec \(grid\.model\.n_layers: \[2, 3\] → \[2, 4\]"):
         prepare_study(spec(grid={"model.n_layers": [2, 4]}), tmp_path)
     with pytest.raises(StudyError, match=r"config\.trainer\.max_steps: 5 → 9"):

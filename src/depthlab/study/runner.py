@@ -67,13 +67,15 @@ def prepare_study(spec: StudySpec, out: str | Path) -> list[Path]:
     out = Path(out)
     recorded_path = out / "study.yaml"
     current = spec.to_dict()
+    all_differences: list[str] = []
     if recorded_path.exists():
         recorded = yaml.safe_load(recorded_path.read_text()) or {}
-        differences = [d for d in spec_difference(recorded, current) if not d.startswith(DESCRIPTIVE)]
+        all_differences = spec_difference(recorded, current)
+        differences = [d for d in all_differences if not d.startswith(DESCRIPTIVE)]
         if differences:
             shown = "; ".join(differences[:6]) + (f"; … ({len(differences)} in all)" if len(differences) > 6 else "")
             raise StudyError(f"{out} holds a different study spec ({shown}): use another --out, or the original spec")
-    else:
+    if not recorded_path.exists() or all_differences:  # new, or an edited description/runtime
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(recorded_path, yaml.safe_dump(current, sort_keys=False, allow_unicode=True))
     folders = []
