@@ -24,7 +24,7 @@ import yaml
 
 from depthlab.errors import StudyError
 from depthlab.study import figures
-from depthlab.study.paper import KNOB_LABELS, paper_numbers
+from depthlab.study.paper import KNOB_LABELS, REFERENCES, paper_numbers
 from depthlab.study.runner import list_runs, run_state
 from depthlab.train.checkpoint import atomic_write_text
 
@@ -205,9 +205,15 @@ def _intro(agg: dict) -> list[str]:
     lines.append(f"Knob(s): {', '.join(agg['knobs']) or '—'}; seeds {spec.get('seeds')}; base "
                  f"{spec.get('base') or 'defaults'}. Expected runtime: {spec.get('runtime') or 'not stated'}.")
     if agg["reference"]:
-        lines.append(f"'paper' columns: the numbers of Muhtar et al. (arXiv 2603.15389, SPEC §8) for the same "
-                     f"{KNOB_LABELS.get(agg['reference'], 'setting')}, from ~0.4–1B models trained on 5B tokens; "
-                     "they show the trend to compare with, not values a small run should reach.")
+        knob = KNOB_LABELS.get(agg["reference"], "setting")
+        if any(row["paper"] for row in agg["rows"]):
+            lines.append(f"'paper' columns: the numbers of Muhtar et al. (arXiv 2603.15389, SPEC §8) for the same "
+                         f"{knob}, from ~0.4–1B models trained on 5B tokens; they show the trend to compare with, "
+                         "not values a small run should reach.")
+        else:
+            rows = ", ".join(str(k) for k in REFERENCES[agg["reference"]])
+            lines.append(f"No setting here is one of the paper's rows ({knob} = {rows}; SPEC §8), so no paper "
+                         "column is shown.")
     done = sum(run["state"] == "done" for run in agg["runs"])
     lines.append(f"{done} of {len(agg['runs'])} runs finished; unfinished runs are left out of the table and figures.")
     return lines
