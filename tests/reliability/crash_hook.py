@@ -10,7 +10,8 @@ caught, so the process dies as on a power cut or an OOM kill: no `finally`, no f
 - ``model:S``  while checkpoint S is written: model.safetensors holds half its bytes;
 - ``state:S``  after checkpoint S's trainer_state.pt, before meta.json (a complete-looking .tmp folder without meta);
 - ``rename:S`` with checkpoint S complete in its .tmp folder, just before the rename into place;
-- ``prune:S``  just after checkpoint S is renamed into place, before older checkpoints are pruned.
+- ``prune:S``  just after checkpoint S is renamed into place, before older checkpoints are pruned;
+- ``metric:N`` (analyze) right after the N-th finished metric is saved, before results.json is updated.
 
 The patches only wrap the functions to kill at the point; what they compute is untouched. Kept in the test tree:
 the product has no fault-injection code.
@@ -100,6 +101,19 @@ def install(point: str, at: int) -> None:
                 die()
 
         ckpt._fsync_dir = fsync_dir
+    elif point == "metric":
+        from depthlab.analysis import runner
+
+        real_write_atomic, saved = runner.write_atomic, []
+
+        def write_atomic(path, text):
+            real_write_atomic(path, text)
+            if Path(path).parent.name == "metrics":
+                saved.append(path)
+                if len(saved) == at:
+                    die()
+
+        runner.write_atomic = write_atomic
     else:
         raise SystemExit(f"unknown kill point {point!r}")
 

@@ -1,4 +1,5 @@
-"""SIGKILL at many points of a training run, then `--resume`: the result is bitwise the uninterrupted run.
+"""SIGKILL at many points of a training run (then `--resume`) or of an analysis (then the same command again): the
+result is bitwise the uninterrupted run's.
 
 One run folder is killed seven times in a row, each time at a later point (`crash_hook.py` kills the process at an
 exact place, once from outside), and resumed after each crash. After every crash, every checkpoint under a real name
@@ -107,3 +108,32 @@ def test_sigkill_at_seven_points_then_resume_is_bitwise_identical(tiny_dataset, 
     stats = records(run / "layer_stats.jsonl")
     assert stats == records(reference / "layer_stats.jsonl")
     assert [r["step"] for r in stats] == [1, 3, 6, 9, 12]
+
+
+@pytest.mark.slow
+def test_sigkilled_analysis_resumes_from_its_saved_metrics(tiny_dataset, tmp_path):
+    from depthlab.analysis.runner import run_analysis
+
+    cfg = tiny_config(tiny_dataset, "--trainer.max_steps=4", "--trainer.eval_interval=0")
+    train(cfg, tmp_path / "run")
+    metrics = "variance,angular,usefulness,causal"
+    settings = dict(metrics=metrics, num_samples=4, seq_len=16, micro_batch_size=2)
+    reference = run_analysis(str(tmp_path / "run"), tmp_path / "reference", progress=False, log=lambda _: None,
+                             **settings)
+    out = tmp_path / "analysis"
+    args = ["analyze", str(tmp_path / "run"), "--metrics", metrics, "--num-samples", "4", "--seq-len", "16",
+            "--micro-batch-size", "2", "--out", str(out), "--no-progress"]
+    proc = launch(args, "metric:2", tmp_path)  # variance and angular saved; results.json lists only variance
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert sorted(p.name for p in (out / "metrics").iterdir()) == ["angular.json", "variance.json"]
+    assert list(json.loads((out / "results.json").read_text())["metrics"]) == ["variance"]
+
+    proc = launch(args, "", tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "variance: already done, skipped" in proc.stdout and "angular: done" in proc.stdout
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["metrics"]) == metrics.split(",")
+    strip = lambda m: {k: v for k, v in m.items() if k != "seconds"}  # noqa: E731
+    assert {k: strip(v) for k, v in results["metrics"].items()} == {
+        k: strip(v) for k, v in json.loads(json.dumps(reference["metrics"])).items()}
+    assert results["summary"] == json.loads(json.dumps(reference["summary"]))
