@@ -130,3 +130,14 @@ def test_launch_commands():
     assert launch_command("R", 1, python="py") == ["py", "-m", "depthlab.study.runner", "R"]
     assert launch_command("R", 4, python="py") == ["py", "-m", "torch.distributed.run", "--standalone",
                                                    "--nproc-per-node=4", "-m", "depthlab.study.runner", "R"]
+
+
+@pytest.mark.slow
+def test_only_one_run_under_torchrun(tiny_dataset, tmp_path):
+    """--only runs just the named run; --nproc-per-node 2 trains it on two gloo ranks (rank 0 writes the markers)."""
+    spec = load_spec(micro(tiny_dataset, [{"name": "a", "trainer.max_steps": 4}, {"name": "b"}]))
+    out = tmp_path / "study"
+    assert run_study(spec, out, only=["a"], nproc_per_node=2, log=lambda _: None) == {"a": "done"}
+    assert study_status(out) == {"a": "done", "b": "pending"}
+    assert "2 rank(s) on cpu" in (out / "runs" / "a" / "log.txt").read_text()
+    assert json.loads((out / "runs" / "a" / "done.json").read_text())["step"] == 4
