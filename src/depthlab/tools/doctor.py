@@ -72,6 +72,8 @@ class Diagnosis:
     """{lever, recipe, model, status: present|absent|unknown}."""
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    timings: dict = field(default_factory=dict)
+    """Seconds spent in each measurement."""
 
     @property
     def effective_depth(self) -> int:
@@ -84,7 +86,8 @@ class Diagnosis:
         """The human-readable report `depthlab doctor` prints."""
         s = self.sample
         lines = [(f"model {self.model}: {self.n_layers} blocks, d={self.d_model}; sample {s['num_samples']}x"
-                 f"{s['seq_len']} tokens (seed {s['seed']}), {self.seconds:.0f}s")]
+                 f"{s['seq_len']} tokens (seed {s['seed']}), {self.seconds:.0f}s ("
+                 + ", ".join(f"{k} {v:.0f}s" for k, v in self.timings.items()) + ")")]
         lines += [f"warning: {w}" for w in self.warnings]
         lines.append(f"effective depth: {self.effective_depth} of {self.n_layers} blocks useful "
                      f"(loss ratio > 1+{self.tau:g} when linearly replaced): {_ranges(self.useful_blocks)}")
@@ -240,16 +243,23 @@ def diagnose(model, tokenizer=None, input_ids: torch.Tensor | None = None, *, nu
         warnings.append(f"{input_ids.numel()} calibration tokens <= d+1 = {d + 1}: every affine fit is exact and "
                         "every loss ratio is 1; use more tokens")
     shared = {"engine": engine, "progress": progress}
-    var = variance_profile(model, input_ids, **shared)
-    ang = angular_distance(model, input_ids, **shared)
-    use = usefulness(model, input_ids, tau=tau, bootstrap=0, **shared)
+    timings = {}
+
+    def timed(name, fn, *args, **kwargs):
+        t = time.perf_counter()
+        result = fn(model, *args, **kwargs)
+        timings[name] = round(time.perf_counter() - t, 2)
+        return result
+
+    var = timed("variance", variance_profile, input_ids, **shared)  # runs (and caches) the baseline pass
+    ang = timed("angular", angular_distance, input_ids, **shared)
+    use = timed("usefulness", usefulness, input_ids, tau=tau, bootstrap=0, **shared)
     engine.release()
-    jac_ids = input_ids[:jacobian_samples]
-    jac = jacobian(model, jac_ids, mode="estimate", probes=probes, power_iters=0, seed=seed,
-                   micro_batch_size=micro_batch_size, progress=progress)
-    att = attention_sparsity(model, input_ids[:micro_batch_size], micro_batch_size=micro_batch_size,
-                             progress=progress)
-    ws = weight_sparsity(model)
+    jac = timed("jacobian", jacobian, input_ids[:jacobian_samples], mode="estimate", probes=probes, power_iters=0,
+                seed=seed, micro_batch_size=micro_batch_size, progress=progress)
+    att = timed("attention_sparsity", attention_sparsity, input_ids[:micro_batch_size],
+                micro_batch_size=micro_batch_size, progress=progress)
+    ws = timed("weight_sparsity", weight_sparsity)
 
     jn = [row["jacobian_norm"] for row in jac.layers]
     near = []
@@ -283,7 +293,7 @@ def diagnose(model, tokenizer=None, input_ids: torch.Tensor | None = None, *, nu
         angular_distance=ang.angular_distance, jacobian_norm=jn, near_identity=near, out_var=var.out_var,
         growth=growth_fits(var.out_var) if L >= 3 else None, sparsity=sparsity,
         levers=recipe_levers(shape, training_weight_decay(model)), warnings=warnings,
-        seconds=time.perf_counter() - start)
+        seconds=time.perf_counter() - start, timings=timings)
 
 
 def doctor(model: str | Path, *, num_samples: int = 8, seq_len: int = 128, seed: int = 0, data=None,
