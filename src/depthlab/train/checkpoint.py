@@ -85,9 +85,11 @@ def save_checkpoint(ckpt_dir: Path, step: int, weights: dict[str, torch.Tensor],
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(ckpt_dir)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError from its zip writer
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"could not save checkpoint step {step} ({e.strerror or e}); "
+        reason = (e.strerror if isinstance(e, OSError) and e.strerror
+                  else f"{(str(e).strip() or type(e).__name__).splitlines()[0]}; disk full?")
+        raise CheckpointError(f"could not save checkpoint step {step} ({reason}); "
                               f"earlier checkpoints in {ckpt_dir} are intact") from None
     for old in list_checkpoints(ckpt_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
