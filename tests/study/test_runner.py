@@ -124,6 +124,12 @@ def test_cli_bad_input_and_listing(tmp_path, capsys):
     assert capsys.readouterr().out.split() == ["L12", "L16", "L24", "L32"]
     assert main(["study", "run", "depth", "--only", "L99", "--out", str(tmp_path / "d")]) == 2
     assert "no run named 'L99'" in capsys.readouterr().err and not (tmp_path / "d").exists()
+    assert main(["study", "run", "depth", "--model.d_modl=8", "--out", str(tmp_path / "d")]) == 2
+    assert "unknown config key 'model.d_modl' (did you mean 'model.d_model'?)" in capsys.readouterr().err
+    assert main(["study", "run", "depth", "--model.d_model=66", "--out", str(tmp_path / "d")]) == 2
+    assert "run 'L2' of study 'depth': model.d_model (66) must be divisible by model.n_heads (4)" in (
+        capsys.readouterr().err)
+    assert not (tmp_path / "d").exists()
 
 
 def test_launch_commands():
@@ -134,10 +140,13 @@ def test_launch_commands():
 
 @pytest.mark.slow
 def test_only_one_run_under_torchrun(tiny_dataset, tmp_path):
-    """--only runs just the named run; --nproc-per-node 2 trains it on two gloo ranks (rank 0 writes the markers)."""
+    """--only runs just the named run; --nproc-per-node 2 trains it on two gloo ranks (rank 0 writes the markers);
+    overrides reach every run's config."""
     spec = load_spec(micro(tiny_dataset, [{"name": "a", "trainer.max_steps": 4}, {"name": "b"}]))
     out = tmp_path / "study"
-    assert run_study(spec, out, only=["a"], nproc_per_node=2, log=lambda _: None) == {"a": "done"}
+    assert run_study(spec, out, only=["a"], nproc_per_node=2, overrides={"trainer.eval_batches": 1},
+                     log=lambda _: None) == {"a": "done"}
+    assert yaml.safe_load((out / "runs" / "a" / "config.yaml").read_text())["trainer"]["eval_batches"] == 1
     assert study_status(out) == {"a": "done", "b": "pending"}
     assert "2 rank(s) on cpu" in (out / "runs" / "a" / "log.txt").read_text()
     assert json.loads((out / "runs" / "a" / "done.json").read_text())["step"] == 4

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from depthlab.config import parse_overrides
 from depthlab.study.runner import format_status, run_study, study_status
 from depthlab.study.spec import builtin_names, builtin_scales, load_spec
 
@@ -17,7 +18,9 @@ def register(sub, help_: str) -> None:
                            description="Train and measure every unfinished run of a study, each in its own process. "
                            "Finished runs (done.json) are skipped; failed or interrupted ones resume from their last "
                            "checkpoint. On a cluster, submit one job per run with --only RUN_NAME (see "
-                           "'depthlab study show') and run 'depthlab report' when they are done.")
+                           "'depthlab study show') and run 'depthlab report' when they are done. Extra "
+                           "--section.key=value arguments override every run's config (e.g. --data.path=DIR) and "
+                           "are recorded in the study's spec.")
     r.add_argument("spec", metavar="NAME|SPEC.yaml", help="a built-in study (see 'depthlab study list') or a YAML")
     r.add_argument("--scale", default=None, help="scale of a built-in study: tiny (default), small, paper")
     r.add_argument("--out", default=None, help="study folder (default ./studies/NAME-SCALE)")
@@ -26,7 +29,7 @@ def register(sub, help_: str) -> None:
                    help="run only this run (repeatable): one cluster job per run")
     r.add_argument("--nproc-per-node", type=int, default=1, metavar="K",
                    help="launch each run with torchrun on K processes (GPUs) (default 1: plain python)")
-    r.set_defaults(func=_run)
+    r.set_defaults(func=_run, accepts_overrides=True)
 
     s = actions.add_parser("status", help="done / running / failed / pending runs of a study folder")
     s.add_argument("study_dir", metavar="DIR")
@@ -44,7 +47,7 @@ def register(sub, help_: str) -> None:
 
 def _run(args) -> int:
     states = run_study(args.spec, args.out, scale=args.scale, jobs=args.jobs, only=args.only,
-                       nproc_per_node=args.nproc_per_node)
+                       nproc_per_node=args.nproc_per_node, overrides=parse_overrides(args.overrides))
     return 0 if all(s == "done" for s in states.values()) else 1
 
 

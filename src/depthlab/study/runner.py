@@ -18,6 +18,7 @@ point resumes from its latest checkpoint, and finished measurements are not repe
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -242,9 +243,12 @@ def _cores() -> int:
 
 
 def run_study(spec: StudySpec | str | Path, out: str | Path | None = None, *, scale: str | None = None,
-              jobs: int = 1, only: list[str] | None = None, nproc_per_node: int = 1, log=print) -> dict[str, str]:
+              jobs: int = 1, only: list[str] | None = None, nproc_per_node: int = 1,
+              overrides: dict[str, Any] | None = None, log=print) -> dict[str, str]:
     """Run every unfinished run of a study (a StudySpec, built-in name or YAML path) into `out`.
 
+    overrides: dotted config keys applied to every run on top of the spec's config (e.g. ``{"data.path": ...}``);
+    they become part of the recorded spec, so a rerun must pass them again.
     jobs: runs executed at once, each a subprocess with OMP_NUM_THREADS = cores / (jobs · nproc_per_node) (at most
     the caller's OMP_NUM_THREADS when set) and, on
     a multi-GPU machine, its own GPUs. only: run just these run names (a cluster job per run). Finished runs are
@@ -253,6 +257,9 @@ def run_study(spec: StudySpec | str | Path, out: str | Path | None = None, *, sc
     """
     if not isinstance(spec, StudySpec):
         spec = load_spec(spec, scale)
+    if overrides:
+        spec = dataclasses.replace(spec, config={**spec.config, **overrides})
+        spec.resolve()  # every run's config must still be valid
     if jobs < 1 or nproc_per_node < 1:
         raise StudyError(f"--jobs and --nproc-per-node must be >= 1, got {jobs} and {nproc_per_node}")
     out = Path(out) if out is not None else Path("studies") / (spec.name + (f"-{spec.scale}" if spec.scale else ""))
