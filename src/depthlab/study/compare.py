@@ -7,7 +7,8 @@ from typing import Any
 
 from depthlab import config as cfgmod
 from depthlab.errors import StudyError
-from depthlab.study.report import _read_json, read_run
+from depthlab.study.report import read_run
+from depthlab.study.runner import read_json
 
 SUMMARY_KEYS = ("usefulness_score", "effective_depth", "causal_mean_effect", "permutation_mean_score")
 
@@ -20,7 +21,7 @@ def compare_runs(a: str | Path, b: str | Path) -> dict[str, Any]:
             raise StudyError(f"{path} is not a run folder (no config.yaml)")
     configs = [cfgmod.read_yaml(p / "config.yaml") for p in paths]
     records = [read_run(p) for p in paths]
-    summaries = [_read_json(p / "analysis" / "results.json").get("summary", {}) for p in paths]
+    summaries = [(read_json(p / "analysis" / "results.json") or {}).get("summary", {}) for p in paths]
     final = {key: [r["values"].get(key) for r in records]
              for key in ("train_loss", "val_loss", "ppl", "avg_acc", "usefulness", "causal", "permutation",
                          "last_var")}

@@ -25,7 +25,7 @@ import yaml
 from depthlab.errors import StudyError
 from depthlab.study import figures
 from depthlab.study.paper import KNOB_LABELS, REFERENCES, paper_numbers
-from depthlab.study.runner import list_runs, run_state
+from depthlab.study.runner import list_runs, read_json, run_state
 from depthlab.train.checkpoint import atomic_write_text
 
 COLUMNS = (("ppl", "PPL", ".2f"), ("usefulness", "usefulness", ".3f"), ("causal", "causal", ".3f"),
@@ -46,21 +46,14 @@ def _read_jsonl(path: Path) -> list[dict]:
     return out
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
 def read_run(run_dir: str | Path) -> dict[str, Any]:
     """Everything the report needs from one run folder (missing files give missing values, never errors)."""
     run_dir = Path(run_dir)
-    info = _read_json(run_dir / "run.json")
+    info = read_json(run_dir / "run.json") or {}
     metrics = _read_jsonl(run_dir / "metrics.jsonl")
     stats = _read_jsonl(run_dir / "layer_stats.jsonl")
-    evaluation = _read_json(run_dir / "eval" / "results.json")
-    analysis = _read_json(run_dir / "analysis" / "results.json").get("metrics", {})
+    evaluation = read_json(run_dir / "eval" / "results.json") or {}
+    analysis = (read_json(run_dir / "analysis" / "results.json") or {}).get("metrics", {})
     values: dict[str, float] = {}
     train_lines = [m for m in metrics if "loss" in m]
     val_lines = [m for m in metrics if "val_loss" in m]
@@ -88,7 +81,7 @@ def read_run(run_dir: str | Path) -> dict[str, Any]:
         "last_var_curve": [s["layers"][-1]["out_var"] for s in stats],
         "profile": [layer["out_var"] for layer in stats[-1]["layers"]] if stats else [],
         "jacobian_profile": [layer["jacobian_norm"] for layer in jacobian] if jacobian else [],
-        "error": _read_json(run_dir / "failed.json").get("error"),
+        "error": (read_json(run_dir / "failed.json") or {}).get("error"),
     }
 
 

@@ -49,7 +49,8 @@ def _write_json(path: Path, value: dict) -> None:
     atomic_write_text(path, json.dumps(value, indent=1, default=str) + "\n")
 
 
-def _read_json(path: Path) -> dict | None:
+def read_json(path: Path) -> dict | None:
+    """A JSON file's content, or None when it is missing or unreadable (e.g. torn by a kill)."""
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
@@ -96,7 +97,7 @@ def run_state(run_dir: Path) -> str:
     """done | running | failed | interrupted (an attempt died without a word) | pending."""
     if (run_dir / "done.json").exists():
         return "done"
-    running = _read_json(run_dir / "running.json")
+    running = read_json(run_dir / "running.json")
     if running is not None:
         if running.get("host") != socket.gethostname() or _pid_alive(int(running.get("pid", -1))):
             return "running"
@@ -124,7 +125,7 @@ def list_runs(study_dir: str | Path) -> list[Path]:
     if not (study_dir / "study.yaml").exists():
         raise StudyError(f"{study_dir} is not a study folder (no study.yaml)")
     found = [(info.get("index", 0), folder) for folder in (study_dir / "runs").glob("*")
-             if (info := _read_json(folder / "run.json")) is not None]
+             if (info := read_json(folder / "run.json")) is not None]
     return [folder for _, folder in sorted(found)]
 
 
@@ -139,7 +140,7 @@ def format_status(states: dict[str, str], study_dir: str | Path) -> str:
     for name, state in states.items():
         line = f"  {state:<12} {name}"
         if state == "failed":
-            error = (_read_json(Path(study_dir) / "runs" / name / "failed.json") or {}).get("error", "")
+            error = (read_json(Path(study_dir) / "runs" / name / "failed.json") or {}).get("error", "")
             line += f"  ({error.splitlines()[0][:100] if error else 'no error recorded'})"
         lines.append(line)
     return "\n".join(lines)
@@ -157,7 +158,7 @@ def execute_run(run_dir: str | Path, log=print) -> dict[str, Any]:
     writes the markers.
     """
     run_dir = Path(run_dir)
-    info = _read_json(run_dir / "run.json")
+    info = read_json(run_dir / "run.json")
     if info is None:
         raise StudyError(f"{run_dir} has no readable run.json: prepare it with 'depthlab study run'")
     rank = int(os.environ.get("RANK", "0"))
@@ -347,7 +348,7 @@ def _finish(folder: Path, returncode: int, seconds: float, log) -> None:
                                              "traceback": _tail(folder / "log.txt"), "log": "log.txt",
                                              "failed": _now()})
     (folder / "running.json").unlink(missing_ok=True)
-    error = (_read_json(folder / "failed.json") or {}).get("error", "")
+    error = (read_json(folder / "failed.json") or {}).get("error", "")
     log(f"FAILED {folder.name}: {error.splitlines()[0] if error else ''} (see {folder / 'log.txt'})")
 
 

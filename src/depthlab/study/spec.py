@@ -167,12 +167,17 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 # Reading and validating specs
 
 
+def _studies_dir():
+    """The built-in specs: package data of depthlab (``depthlab/studies/*.yaml``, not a Python package)."""
+    return resources.files("depthlab") / "studies"
+
+
 def builtin_names() -> list[str]:
-    return sorted(p.name[:-5] for p in resources.files("depthlab.studies").iterdir() if p.name.endswith(".yaml"))
+    return sorted(p.name[:-5] for p in _studies_dir().iterdir() if p.name.endswith(".yaml"))
 
 
 def _builtin_path(name: str) -> Path:
-    return Path(str(resources.files("depthlab.studies") / f"{name}.yaml"))
+    return Path(str(_studies_dir() / f"{name}.yaml"))
 
 
 def builtin_scales(name: str) -> dict[str, str]:
