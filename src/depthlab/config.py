@@ -12,6 +12,7 @@ import difflib
 import functools
 import inspect
 import itertools
+import math
 import textwrap
 import types
 import typing
@@ -264,6 +265,11 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
         if isinstance(value, float) and value.is_integer():
             return int(value)
     elif tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads exponents without a dot (3e-4) as strings
+            try:
+                value = float(value) if math.isfinite(float(value)) else value
+            except ValueError:
+                pass
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
     elif tp is str:
