@@ -112,9 +112,14 @@ def verify(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not a depthlab checkpoint (no {META_FILE})") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise CheckpointError(f"checkpoint {path} is corrupt: unreadable {META_FILE}") from None
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint {path} has unknown format {meta.get('format')!r}")
-    for name, digest in meta["sha256"].items():
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise CheckpointError(f"checkpoint {path} has unknown format {found!r}")
+    digests = meta.get("sha256")
+    if not isinstance(digests, dict) or set(digests) != {MODEL_FILE, STATE_FILE}:  # an empty list would verify nothing
+        raise CheckpointError(f"checkpoint {path} is corrupt: {META_FILE} does not list the checksums of "
+                              f"{MODEL_FILE} and {STATE_FILE}")
+    for name, digest in digests.items():
         f = path / name
         if not f.exists():
             raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing")
