@@ -185,7 +185,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(argv, message, workspac
 def test_bad_input_through_a_real_process(argv, message, workspace, tiny_dataset):
     before = snapshot(workspace)
     proc = subprocess.run([sys.executable, "-m", "depthlab", *_fill(argv, workspace, tiny_dataset)],
-                          capture_output=True, text=True, timeout=120)
+                          check=False, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and message in proc.stderr and "Traceback" not in proc.stderr
     assert snapshot(workspace) == before

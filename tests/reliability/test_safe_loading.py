@@ -112,7 +112,7 @@ def test_pickle_weights_in_a_hugging_face_folder_are_never_read(run, tmp_path):
     marker = tmp_path / "pwned"
     hf = export_hf(run, tmp_path / "hf")
     plant(hf / "pytorch_model.bin", marker)
-    model, _ = load_model(hf)  # safetensors present: the .bin beside it is ignored
+    load_model(hf)  # safetensors present: the .bin beside it is ignored
     assert not marker.exists()
     (hf / "model.safetensors").unlink()
     with pytest.raises(ModelLoadError, match="safetensors"):
