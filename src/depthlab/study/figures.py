@@ -149,7 +149,8 @@ def accuracy_bars(rows: list[dict]) -> bytes | None:
     fig, ax = plt.subplots(figsize=(6.4, 4))
     x = np.arange(len(rows))
     acc = [r["metrics"]["avg_acc"] for r in rows]
-    ax.bar(x, [a["mean"] for a in acc], yerr=[a["std"] or 0.0 for a in acc], capsize=3, color="C0", alpha=0.8,
+    spread = [a["std"] or 0.0 for a in acc]
+    ax.bar(x, [a["mean"] for a in acc], yerr=spread if any(spread) else None, capsize=3, color="C0", alpha=0.8,
            label="avg accuracy")
     low = min(a["mean"] for a in acc)
     ax.set_ylim(max(0.0, math.floor(low - 5)), None)
@@ -158,8 +159,9 @@ def accuracy_bars(rows: list[dict]) -> bytes | None:
     useful = [(xi, r["metrics"]["usefulness"]) for xi, r in zip(x, rows) if r["metrics"].get("usefulness")]
     if useful:
         ax2 = ax.twinx()
-        ax2.errorbar([u[0] for u in useful], [u[1]["mean"] for u in useful],
-                     yerr=[u[1]["std"] or 0.0 for u in useful], fmt="D", color="C3", capsize=3, label="usefulness")
+        spread = [u[1]["std"] or 0.0 for u in useful]
+        ax2.errorbar([u[0] for u in useful], [u[1]["mean"] for u in useful], yerr=spread if any(spread) else None,
+                     fmt="D", color="C3", capsize=3, label="usefulness")
         ax2.set(ylabel="usefulness", ylim=(0, 1.05))
         ax2.legend(loc="upper right", fontsize=8)
     ax.legend(loc="upper left", fontsize=8)
