@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
+
+from depthlab.fileio import atomic_write
 
 
 def _figure(ncols: int = 1):
@@ -20,10 +21,8 @@ def _figure(ncols: int = 1):
 
 def _save(plt, fig, path: Path) -> None:
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=110, format="png")
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def _heatmap(path: Path, matrix, title: str, xlabel: str, ylabel: str) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import platform
 import time
 from pathlib import Path
@@ -18,21 +17,10 @@ from pathlib import Path
 import torch
 
 from depthlab import __version__
+from depthlab.analysis.defaults import CLI_METRICS, CLI_OPTIONS, NEAR_IDENTITY_ANGLE
 from depthlab.analysis.results import to_jsonable
 from depthlab.errors import AnalysisError
-
-CLI_METRICS = ("variance", "angular", "usefulness", "causal", "permutation", "weight_sparsity",
-               "attention_sparsity", "moe")
-"""The CLI's default set (fits a few minutes on 2 CPU cores for SmolLM2); `all` adds the Jacobian estimate."""
-CLI_OPTIONS = {"permutation": {"pairs": "adjacent"}, "jacobian": {"mode": "estimate", "probes": 16, "power_iters": 4}}
-NEAR_IDENTITY_ANGLE = 0.05
-"""A block is reported near-identity when its mean angular distance arccos(cos)/π is below this (cos > 0.988)."""
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+from depthlab.fileio import atomic_write_text
 
 
 def run_analysis(model: str, out_dir: str | Path, *, metrics=None, data: str | None = None, num_samples: int = 8,
@@ -92,13 +80,13 @@ def run_analysis(model: str, out_dir: str | Path, *, metrics=None, data: str | N
             log(f"{name}: failed: {e}")
             continue
         value["seconds"] = round(time.perf_counter() - start, 2)
-        write_atomic(out / "metrics" / f"{name}.json", json.dumps(value))
+        atomic_write_text(out / "metrics" / f"{name}.json", json.dumps(value))
         results["metrics"][name] = value
-        write_atomic(out / "results.json", json.dumps(results, indent=1))
+        atomic_write_text(out / "results.json", json.dumps(results, indent=1))
         log(f"{name}: done in {value['seconds']:.1f}s")
     engine.release()
     results["summary"] = summarize(results["metrics"], engine.n_layers)
-    write_atomic(out / "results.json", json.dumps(to_jsonable(results), indent=1))
+    atomic_write_text(out / "results.json", json.dumps(to_jsonable(results), indent=1))
     _write_tables(out, results["metrics"])
     from depthlab.analysis.plots import plot_result
 
@@ -204,12 +192,12 @@ def _write_tables(out: Path, metrics: dict) -> None:
             keys = list(columns)
             n = len(next(iter(columns.values())))
             rows = [["layer", *keys]] + [[i, *(columns[k][i] for k in keys)] for i in range(n)]
-            write_atomic(out / f"{name}.csv", _csv(rows))
+            atomic_write_text(out / f"{name}.csv", _csv(rows))
         if name in ("causal", "permutation"):
-            write_atomic(out / f"{name}_matrix.csv", _csv(value["matrix"]))
+            atomic_write_text(out / f"{name}_matrix.csv", _csv(value["matrix"]))
         if name == "weight_sparsity":
             keys = [k for k in value["matrices"][0] if k != "histogram"]
-            write_atomic(out / "weight_sparsity_matrices.csv",
+            atomic_write_text(out / "weight_sparsity_matrices.csv",
                          _csv([keys] + [[r[k] for k in keys] for r in value["matrices"]]))
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from depthlab.analysis.runner import CLI_METRICS, format_summary, run_analysis
+from depthlab.analysis.defaults import CLI_METRICS
 
 
 def register(sub, help_: str) -> None:
@@ -53,6 +53,8 @@ def parse_options(items: list[str]) -> dict[str, dict]:
 
 
 def run(args) -> int:
+    from depthlab.analysis.runner import format_summary, run_analysis
+
     results = run_analysis(args.model, args.out, metrics=args.metrics, data=args.data, num_samples=args.num_samples,
                            seq_len=args.seq_len, seed=args.seed, dtype=args.dtype, device=args.device,
                            micro_batch_size=args.micro_batch_size, options=parse_options(args.option),

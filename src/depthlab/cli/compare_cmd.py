@@ -4,9 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from depthlab.study.compare import compare_runs, format_comparison
-from depthlab.train.checkpoint import atomic_write_text
-
 
 def register(sub, help_: str) -> None:
     p = sub.add_parser("compare", help=help_, description=f"{help_}. RUN_A and RUN_B are run folders (of "
@@ -18,6 +15,9 @@ def register(sub, help_: str) -> None:
 
 
 def run(args) -> int:
+    from depthlab.fileio import atomic_write_text
+    from depthlab.study.compare import compare_runs, format_comparison
+
     comparison = compare_runs(args.run_a, args.run_b)
     print(format_comparison(comparison), end="")
     if args.markdown:

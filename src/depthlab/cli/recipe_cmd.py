@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 from depthlab.errors import ConfigError
+from depthlab.fileio import atomic_write_text
 
 
 def register(sub, help_: str) -> None:
@@ -37,10 +36,7 @@ def run(args) -> int:
     out = Path(args.out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, out)
+        atomic_write_text(out, text)
     except OSError as e:
         raise ConfigError(f"cannot write {out}: {e}") from None
     for line in explanations:

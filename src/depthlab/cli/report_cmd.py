@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from depthlab.study.report import write_report
-
 
 def register(sub, help_: str) -> None:
     p = sub.add_parser("report", help=help_, description=f"{help_}: the study table (with the paper's numbers "
@@ -14,6 +12,8 @@ def register(sub, help_: str) -> None:
 
 
 def run(args) -> int:
+    from depthlab.study.report import write_report
+
     html_path, md_path = write_report(args.study_dir, args.out)
     print(f"wrote {html_path}\nwrote {md_path}")
     return 0

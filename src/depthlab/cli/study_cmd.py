@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from depthlab.config import parse_overrides
-from depthlab.study.runner import format_status, run_study, study_status
-from depthlab.study.spec import builtin_names, builtin_scales, load_spec
-
 
 def register(sub, help_: str) -> None:
     p = sub.add_parser("study", help=help_, description=f"{help_}. See docs/studies.md.",
@@ -46,17 +42,24 @@ def register(sub, help_: str) -> None:
 
 
 def _run(args) -> int:
+    from depthlab.config import parse_overrides
+    from depthlab.study.runner import run_study
+
     states = run_study(args.spec, args.out, scale=args.scale, jobs=args.jobs, only=args.only,
                        nproc_per_node=args.nproc_per_node, overrides=parse_overrides(args.overrides))
     return 0 if all(s == "done" for s in states.values()) else 1
 
 
 def _status(args) -> int:
+    from depthlab.study.runner import format_status, study_status
+
     print(format_status(study_status(args.study_dir), args.study_dir))
     return 0
 
 
 def _list(args) -> int:
+    from depthlab.study.spec import builtin_names, builtin_scales, load_spec
+
     for name in builtin_names():
         spec = load_spec(name)
         print(f"{name}: {spec.description}")
@@ -66,6 +69,8 @@ def _list(args) -> int:
 
 
 def _show(args) -> int:
+    from depthlab.study.spec import load_spec
+
     spec = load_spec(args.spec, args.scale)
     for run in spec.resolve():
         print(f"{run.name}  {run.setting} seed={run.seed}" if args.verbose else run.name)

@@ -125,7 +125,7 @@ def evaluate(model, tokenizer, tasks: str | list[str] | None = "all", *, limit: 
 def save_results(results: dict, out_dir: str | Path) -> Path:
     """Write ``results.json`` (and ``samples_<task>.jsonl`` per task when samples were logged) into ``out_dir``,
     each atomically; returns the results.json path."""
-    from depthlab.train.checkpoint import atomic_write_text
+    from depthlab.fileio import atomic_write_text
 
     out = Path(out_dir).expanduser()
     try:

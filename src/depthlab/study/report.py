@@ -23,10 +23,10 @@ from typing import Any
 import yaml
 
 from depthlab.errors import StudyError
+from depthlab.fileio import atomic_write_text
 from depthlab.study import figures
 from depthlab.study.paper import KNOB_LABELS, REFERENCES, paper_numbers
 from depthlab.study.runner import list_runs, read_json, run_state
-from depthlab.train.checkpoint import atomic_write_text
 
 COLUMNS = (("ppl", "PPL", ".2f"), ("usefulness", "usefulness", ".3f"), ("causal", "causal", ".3f"),
            ("permutation", "permutation", ".3f"), ("avg_acc", "avg acc (%)", ".1f"),

@@ -33,8 +33,8 @@ from typing import Any
 import yaml
 
 from depthlab.errors import StudyError
+from depthlab.fileio import atomic_write_text
 from depthlab.study.spec import StudySpec, load_spec, spec_difference
-from depthlab.train.checkpoint import atomic_write_text
 
 STATES = ("done", "running", "failed", "interrupted", "pending")
 DESCRIPTIVE = ("description:", "runtime:")

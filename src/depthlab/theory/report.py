@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from depthlab.errors import ConfigError
+from depthlab.fileio import atomic_write
 
 
 def _fmt(values) -> str:
@@ -137,17 +137,6 @@ def _iid_answer(result) -> list[str]:
 # Output files
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save(result, out: str | os.PathLike) -> list[str]:
     """results.json plus ``<mask>_<norm>.png`` per run and ``summary.png``, each written atomically."""
     out = Path(out)
@@ -157,7 +146,7 @@ def save(result, out: str | os.PathLike) -> list[str]:
         raise ConfigError(f"cannot create output folder {out}: {e}") from None
     paths = [out / "results.json"]
     text = json.dumps(result.to_dict(), indent=1, allow_nan=False)
-    _atomic_write(paths[0], lambda tmp: Path(tmp).write_text(text))
+    atomic_write(paths[0], lambda tmp: Path(tmp).write_text(text))
 
     import matplotlib
 
@@ -169,7 +158,7 @@ def save(result, out: str | os.PathLike) -> list[str]:
     for name, fig in figures:
         if fig is not None:
             paths.append(out / name)
-            _atomic_write(paths[-1], lambda tmp, fig=fig: fig.savefig(tmp, dpi=110, format="png"))
+            atomic_write(paths[-1], lambda tmp, fig=fig: fig.savefig(tmp, dpi=110, format="png"))
             plt.close(fig)
     return [str(p) for p in paths]
 

@@ -34,12 +34,13 @@ from depthlab.analysis import (
     variance_profile,
     weight_sparsity,
 )
+from depthlab.analysis.defaults import NEAR_IDENTITY_ANGLE
 from depthlab.analysis.engine import Engine
 from depthlab.analysis.results import to_jsonable
-from depthlab.analysis.runner import NEAR_IDENTITY_ANGLE, write_atomic
 from depthlab.data import calibration_sample
 from depthlab.data.calibration import token_sha256
 from depthlab.errors import AnalysisError
+from depthlab.fileio import atomic_write_text
 from depthlab.tools.recipe import CONTEXT, GQA_GROUP, WEIGHT_DECAY
 
 NEAR_IDENTITY_JACOBIAN = 0.25
@@ -309,5 +310,5 @@ def doctor(model: str | Path, *, num_samples: int = 8, seq_len: int = 128, seed:
     if json_out is not None:
         path = Path(json_out)
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, json.dumps(result.to_dict(), indent=1) + "\n")
+        atomic_write_text(path, json.dumps(result.to_dict(), indent=1) + "\n")
     return result

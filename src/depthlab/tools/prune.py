@@ -33,8 +33,8 @@ from torch import nn
 
 from depthlab.analysis import angular_distance, usefulness
 from depthlab.analysis.engine import BlockStack
-from depthlab.analysis.runner import write_atomic
 from depthlab.errors import DepthlabError
+from depthlab.fileio import atomic_write_text
 
 PER_LAYER_CONFIG = ("layer_types", "no_rope_layers")
 """Hugging Face config lists with one entry per layer, subset along with the blocks."""
@@ -292,7 +292,7 @@ def prune_model(model: str | Path, drop, out: str | Path, *, n: int | None = Non
               "method": selection.method, "selection_scores": selection.scores, "saved_as": kind, "out": str(out),
               "sample": {**sample, "calibration_windows": num_samples, "eval_windows": eval_samples},
               "before": before, "after": after}
-    write_atomic(Path(out) / "prune_report.json", json.dumps(report, indent=1) + "\n")
+    atomic_write_text(Path(out) / "prune_report.json", json.dumps(report, indent=1) + "\n")
     return report
 
 

@@ -41,17 +41,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a text file via temp file + fsync + rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """State dict with tied tensors stored once (safetensors refuses shared storage)."""
     state, seen = {}, {}

@@ -21,6 +21,7 @@ from depthlab import __version__
 from depthlab import config as cfgmod
 from depthlab.config import Config
 from depthlab.errors import CheckpointError, ConfigError, TrainingError
+from depthlab.fileio import atomic_write_text
 from depthlab.model.moe import batch_routing
 from depthlab.model.params import param_counts
 from depthlab.model.transformer import Transformer
@@ -57,7 +58,7 @@ class JsonlLog:
         elif path.exists():
             kept = [line for line in path.read_text().splitlines()
                     if line.strip() and _line_step(line) is not None and _line_step(line) <= resume_step]
-            ckpt.atomic_write_text(path, "".join(line + "\n" for line in kept))
+            atomic_write_text(path, "".join(line + "\n" for line in kept))
         self._f = open(path, "a") if enabled else None  # noqa: SIM115 — held for the run; close() closes it
 
     def write(self, record: dict) -> None:
@@ -164,7 +165,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: Dist) -> TrainResult:
     counts = param_counts(cfg.model)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         if not (run_dir / "tokenizer.json").exists():
             dataset.tokenizer().save_pretrained(run_dir)
         G = cfg.model.n_heads // cfg.model.kv_heads
