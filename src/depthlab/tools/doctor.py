@@ -45,6 +45,9 @@ from depthlab.tools.recipe import CONTEXT, GQA_GROUP, WEIGHT_DECAY
 
 NEAR_IDENTITY_JACOBIAN = 0.25
 """A block is near-identity when ||M − I||_F / ||I||_F (= jacobian_norm·sqrt(d)) is below this."""
+FIT_TOKENS_PER_COEF = 10
+"""Below this many calibration tokens per fitted coefficient (d + 1), the doctor warns that the least-squares fits
+overfit: the expected in-sample residual of a least-squares fit is (1 − (d+1)/tokens) times the true one."""
 MOE_DENSITY = 1 / 8
 """The recipe's MoE density k/E."""
 
@@ -240,9 +243,15 @@ def diagnose(model, tokenizer=None, input_ids: torch.Tensor | None = None, *, nu
     engine = Engine(model, input_ids, micro_batch_size=micro_batch_size)
     L, d = engine.n_layers, engine.stack.d_model
     warnings = []
-    if input_ids.numel() <= d + 1:
-        warnings.append(f"{input_ids.numel()} calibration tokens <= d+1 = {d + 1}: every affine fit is exact and "
+    tokens = input_ids.numel()
+    if tokens <= d + 1:
+        warnings.append(f"{tokens} calibration tokens <= d+1 = {d + 1}: every affine fit is exact and "
                         "every loss ratio is 1; use more tokens")
+    elif tokens < FIT_TOKENS_PER_COEF * (d + 1):
+        warnings.append(f"{tokens} calibration tokens for d+1 = {d + 1} coefficients per output: the affine fits "
+                        f"overfit the sample (in-sample residual x{1 - (d + 1) / tokens:.2f}), so loss ratios are "
+                        f"biased toward 1 and the effective depth is a lower bound; >= "
+                        f"{FIT_TOKENS_PER_COEF * (d + 1)} tokens keep that bias under 10%")
     shared = {"engine": engine, "progress": progress}
     timings = {}
 
