@@ -39,9 +39,14 @@ def run_with(model, blocks, ids, hooks=()):
     for i, b in enumerate(blocks):
         stack.blocks[i] = b
     ins, outs = {}, {}
-    handles = [b.register_forward_hook(lambda m, a, kw, o, i=i: (ins.__setitem__(i, a[0] if a else kw["hidden_states"]),
-                                                                 outs.__setitem__(i, o[0] if isinstance(o, tuple)
-                                                                                  else o)), with_kwargs=True)
+
+    def capture(i):
+        def hook(module, args, kwargs, out):  # returns None: the block's output is left unchanged
+            ins[i] = args[0] if args else kwargs["hidden_states"]
+            outs[i] = out[0] if isinstance(out, tuple) else out
+        return hook
+
+    handles = [b.register_forward_hook(capture(i), with_kwargs=True)
                for i, b in enumerate(stack.blocks)] if hooks else []
     try:
         with torch.no_grad():
