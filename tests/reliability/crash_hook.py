@@ -104,7 +104,7 @@ def install(point: str, at: int) -> None:
     elif point == "metric":
         from depthlab.analysis import runner
 
-        real_write_atomic, saved = runner.write_atomic, []
+        real_write_atomic, saved = runner.atomic_write_text, []
 
         def write_atomic(path, text):
             real_write_atomic(path, text)
@@ -113,7 +113,7 @@ def install(point: str, at: int) -> None:
                 if len(saved) == at:
                     die()
 
-        runner.write_atomic = write_atomic
+        runner.atomic_write_text = write_atomic
     else:
         raise SystemExit(f"unknown kill point {point!r}")
 
