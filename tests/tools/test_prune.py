@@ -176,3 +176,16 @@ def test_cli_prune_bad_block_lists_are_one_line_errors(hf_folder, tmp_path, caps
     err = [line for line in stderr.splitlines() if line.startswith("depthlab")]
     assert len(err) == 1 and err[0].startswith("depthlab prune: error:") and message in err[0]
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "qwen2", "olmo2", "neox", "mixtral"])
+def test_other_hf_families_stay_cache_consistent(family):
+    from tests.analysis.conftest import build
+
+    model = build(family)
+    pruned, _ = prune(model, "1")
+    assert pruned.config.num_hidden_layers == 2
+    torch.testing.assert_close(logits(pruned, IDS), skipped_logits(model, IDS, [1]), rtol=1e-5, atol=1e-5)
+    kwargs = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0}
+    assert torch.equal(pruned.generate(IDS[:1, :5], use_cache=True, **kwargs),
+                       pruned.generate(IDS[:1, :5], use_cache=False, **kwargs))
