@@ -7,7 +7,7 @@ import torch
 
 from depthlab.errors import EvalError
 from depthlab.eval import perplexity
-from depthlab.eval.perplexity import _windows
+from depthlab.eval.heldout import _windows
 
 TEXT = "Question: which of these is a mammal?\nAnswer: the whale, which breathes air. " * 3
 

@@ -3,11 +3,30 @@
     results = depthlab.evaluate(model, tokenizer, tasks="arc_easy,piqa", limit=100)
     results["results"]["piqa"]["acc,none"]
     depthlab.perplexity(model, tokenizer, source="shakespeare")["bits_per_byte"]
+
+Names are imported lazily, so the CLI can list the tasks (``depthlab.eval.tasks``) without loading torch.
 """
 
-from depthlab.eval.perplexity import perplexity
-from depthlab.eval.runner import evaluate, format_table, save_results
-from depthlab.eval.scorer import loglikelihoods
-from depthlab.eval.tasks import TASKS, load_examples
+from __future__ import annotations
 
-__all__ = ["TASKS", "evaluate", "format_table", "load_examples", "loglikelihoods", "perplexity", "save_results"]
+import importlib
+
+_EXPORTS = {
+    "TASKS": "depthlab.eval.tasks",
+    "load_examples": "depthlab.eval.tasks",
+    "evaluate": "depthlab.eval.runner",
+    "format_table": "depthlab.eval.runner",
+    "save_results": "depthlab.eval.runner",
+    "loglikelihoods": "depthlab.eval.scorer",
+    "perplexity": "depthlab.eval.heldout",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'depthlab.eval' has no attribute {name!r}")

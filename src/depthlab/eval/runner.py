@@ -18,7 +18,7 @@ import numpy as np
 
 from depthlab import __version__
 from depthlab.errors import EvalError
-from depthlab.eval.perplexity import perplexity
+from depthlab.eval.heldout import perplexity
 from depthlab.eval.scorer import loglikelihoods, model_device
 from depthlab.eval.tasks import data_path, load_examples, resolve_tasks
 from depthlab.loading import weights_hash
@@ -75,7 +75,7 @@ def evaluate(model, tokenizer, tasks: str | list[str] | None = "all", *, limit: 
              ppl_context: int | None = None, ppl_stride: int | None = None, log_samples: bool = False,
              progress: bool = False, model_name: str | None = None) -> dict:
     """Evaluate ``model`` zero-shot on ``tasks`` (``"all"``, a comma list or a list; None for none) and, when
-    ``ppl_data`` is given, its perplexity there (see ``depthlab.eval.perplexity``).
+    ``ppl_data`` is given, its perplexity there (see ``depthlab.eval.heldout.perplexity``).
 
     limit: score only the first ``limit`` examples of each task (file order; a fixed subset, so runs compare).
     batch_size, max_batch_tokens: at most this many rows and padded tokens per forward pass.
