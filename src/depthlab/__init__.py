@@ -9,7 +9,7 @@ needed by the features that use them.
 
 from __future__ import annotations
 
-import importlib
+from depthlab.lazy import lazy_getattr
 
 __version__ = "0.1.0"
 
@@ -42,9 +42,4 @@ __all__ = ["__version__"]
 __all__ += list(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'depthlab' has no attribute {name!r}")
+__getattr__ = lazy_getattr(globals(), _EXPORTS)

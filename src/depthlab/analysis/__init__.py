@@ -9,7 +9,7 @@ Names are imported lazily so that importing one metric does not import them all.
 
 from __future__ import annotations
 
-import importlib
+from depthlab.lazy import lazy_getattr
 
 _EXPORTS = {
     "Engine": "depthlab.analysis.engine",
@@ -32,9 +32,4 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'depthlab.analysis' has no attribute {name!r}")
+__getattr__ = lazy_getattr(globals(), _EXPORTS)

@@ -9,7 +9,7 @@ Names are imported lazily, so the CLI can list the tasks (``depthlab.eval.tasks`
 
 from __future__ import annotations
 
-import importlib
+from depthlab.lazy import lazy_getattr
 
 _EXPORTS = {
     "TASKS": "depthlab.eval.tasks",
@@ -24,9 +24,4 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'depthlab.eval' has no attribute {name!r}")
+__getattr__ = lazy_getattr(globals(), _EXPORTS)
