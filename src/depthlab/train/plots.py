@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 
 
 def read_layer_stats(run_dir: str | Path) -> list[dict]:
@@ -32,6 +33,7 @@ def plot_variance_profile(run_dir: str | Path, out: str | Path | None = None) ->
     ax1.plot(range(n_layers), [layer["ffn_var"] for layer in last["layers"]], "^--", label="ffn branch")
     ax1.set(xlabel="block l", ylabel="variance across features", yscale="log",
             title=f"Per-layer variance at step {last['step']}")
+    ax1.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax1.legend()
     steps = [r["step"] for r in records]
     cmap = plt.get_cmap("viridis")
