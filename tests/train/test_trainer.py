@@ -144,3 +144,13 @@ def test_gradient_accumulation_matches_full_batch(tiny_dataset, tmp_path):
     assert abs(full.train_loss - accum.train_loss) < 1e-5 and abs(full.val_loss - accum.val_loss) < 1e-4
     a, b = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4  # Adam amplifies float-order noise a little
+
+
+def test_variance_profile_plot_of_a_run(reference_run, tmp_path):
+    from depthlab.train.plots import plot_variance_profile, read_layer_stats
+
+    run, _ = reference_run
+    out = plot_variance_profile(run, tmp_path / "v.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+    assert len(read_layer_stats(run)) == 5
+    assert plot_variance_profile(tmp_path) is None  # no statistics, no figure
