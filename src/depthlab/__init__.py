@@ -22,6 +22,7 @@ _EXPORTS = {
     "prepare_data": "depthlab.data",
     "TokenDataset": "depthlab.data",
     "calibration_sample": "depthlab.data",
+    "default_dataset": "depthlab.data",
     # models
     "load_model": "depthlab.loading",
     "Transformer": "depthlab.model.transformer",
@@ -36,6 +37,8 @@ _EXPORTS = {
     "run_study": "depthlab.study",
     "simulate": "depthlab.theory",
     "make_recipe": "depthlab.tools.recipe",
+    "diagnose": "depthlab.tools.doctor",
+    "prune": "depthlab.tools.prune",
 }
 
 __all__ = ["__version__"]
