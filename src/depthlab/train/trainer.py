@@ -18,6 +18,7 @@ import yaml
 from tqdm import tqdm
 
 from depthlab import __version__
+from depthlab import checkpoint as ckpt
 from depthlab import config as cfgmod
 from depthlab.config import Config
 from depthlab.errors import CheckpointError, ConfigError, TrainingError
@@ -26,7 +27,6 @@ from depthlab.model.moe import batch_routing
 from depthlab.model.params import param_counts
 from depthlab.model.transformer import Transformer
 from depthlab.precision import resolve_dtype
-from depthlab.train import checkpoint as ckpt
 from depthlab.train import sparsity
 from depthlab.train.distributed import Dist
 from depthlab.train.optim import build_optimizer, lr_at
