@@ -47,7 +47,14 @@ def test_ints_are_accepted_for_floats_but_not_the_reverse():
     ({"model.norm": "sandwich"}, "model.norm must be one of pre|post|mix|peri"),
     ({"model.moe.num_experts": 4, "model.moe.top_k": 5}, "model.moe.top_k (5) must be between 1"),
     ({"trainer.batch_size": 32, "trainer.micro_batch_size": 5}, "divisible by trainer.micro_batch_size"),
-    ({"trainer.dtype": "fp16"}, "trainer.dtype must be auto|bf16|fp32"),
+    ({"trainer.dtype": "fp16"}, "trainer.dtype must be one of auto|bf16|fp32"),
+    ({"optimizer.eps": 0.0}, "optimizer.eps must be positive, got 0.0"),
+    ({"model.rope_theta": float("nan")}, "model.rope_theta must be a finite number"),
+    ({"model.norm_eps": -1e-6}, "model.norm_eps must be >= 0"),
+    ({"trainer.seed": 2**70}, "trainer.seed must be at most 9223372036854775807 (int64)"),
+    ({"trainer.log_interval": 0}, "trainer.log_interval must be positive"),
+    ({"trainer.eval_batches": 0}, "trainer.eval_batches must be positive"),
+    ({"optimizer.lr": 10**400}, "optimizer.lr must be a finite number, got a 401-digit number"),
     ({"optimizer.lr": -1.0}, "optimizer.lr must be positive"),
 ])
 def test_bad_values_name_the_key(overrides, message):
@@ -91,3 +98,20 @@ def test_cli_one_line_error_and_exit_2(capsys):
     assert err.count("\n") == 0 and "did you mean 'model.n_layers'" in err
     assert main(["config", "--keys"]) == 0
     assert "model.n_kv_heads" in capsys.readouterr().out
+
+
+def test_every_numeric_or_closed_string_field_declares_its_bound():
+    """The bad-input matrix relies on this: each int/float field has a range, each non-free string its choices."""
+    free_strings = {"data.path", "logging.wandb_project", "trainer.device"}  # a path, a name, a device pattern
+    for key, type_name, default, _doc in cfgmod.describe():
+        if type_name in ("int", "float") or type_name == "str" and key not in free_strings:
+            bound = cfgmod.bound_of(key)
+            assert bound is not None, f"{key} declares no range or choices"
+            bound.check(key, default)  # the default itself is valid
+
+
+def test_duplicate_yaml_keys_are_refused(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("model:\n  n_layers: 2\n  n_layers: 3\n")
+    with pytest.raises(ConfigError, match="duplicate key 'n_layers'"):
+        load_config(path)

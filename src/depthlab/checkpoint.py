@@ -3,7 +3,9 @@
 Layout: ``RUN/checkpoints/step_000300/{model.safetensors, trainer_state.pt, meta.json}``. A checkpoint is written to
 ``step_000300.tmp`` and renamed into place only when complete, so a crash (or a full disk) mid-save leaves the previous
 checkpoints untouched and never a half-written one under a real name. `meta.json` records the sha256 of every file;
-loading verifies them, so flipped bytes or truncation are refused with a clear message.
+loading verifies them, so flipped bytes or truncation are refused with a clear message. Pruning renames a checkpoint
+to a hidden name before deleting it, so a kill mid-delete never leaves a half-deleted folder listed as a checkpoint.
+The folder of a run as a whole (config, tokenizer, logs, these checkpoints) is described by `depthlab.rundir.RunDir`.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +24,24 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from depthlab.errors import CheckpointError
+from depthlab.fileio import dumps_json, fsync_dir, os_error_reason
 
 FORMAT = "depthlab-checkpoint-v1"
 MODEL_FILE, STATE_FILE, META_FILE = "model.safetensors", "trainer_state.pt", "meta.json"
+_NAME = re.compile(r"step_(\d+)")
+"""A complete checkpoint's folder name; temporary and to-be-deleted folders never match it."""
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def checkpoint_step(path: Path) -> int:
+    """The training step a checkpoint folder holds, from its name."""
+    match = _NAME.fullmatch(Path(path).name)
+    if match is None:
+        raise CheckpointError(f"{path} is not a checkpoint folder (names look like step_000300)")
+    return int(match.group(1))
 
 
 def sha256(path: Path) -> str:
@@ -31,14 +50,6 @@ def sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -56,41 +67,51 @@ def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def save_checkpoint(ckpt_dir: Path, step: int, weights: dict[str, torch.Tensor], trainer_state: dict[str, Any],
                     keep_last: int) -> Path:
     """Write checkpoint `step` (weights as from `model_state`) atomically, then prune to the newest `keep_last`."""
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    final = ckpt_dir / f"step_{step:06d}"
-    tmp = ckpt_dir / f"step_{step:06d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    final = ckpt_dir / checkpoint_name(step)
+    tmp = ckpt_dir / f"{final.name}.tmp"
     try:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         save_file(weights, tmp / MODEL_FILE, metadata={"format": FORMAT, "step": str(step)})
         torch.save(trainer_state, tmp / STATE_FILE)
         files = {name: sha256(tmp / name) for name in (MODEL_FILE, STATE_FILE)}
         meta = {"format": FORMAT, "step": step, "sha256": files}
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+        (tmp / META_FILE).write_text(dumps_json(meta, indent=2))
         for name in (MODEL_FILE, STATE_FILE, META_FILE):
             with open(tmp / name, "rb") as f:
                 os.fsync(f.fileno())
         if final.exists():  # re-saving the same step (e.g. after resume): replace it as a whole
-            shutil.rmtree(final)
+            _delete(final)
         os.replace(tmp, final)
-        _fsync_dir(ckpt_dir)
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError from its zip writer
+        fsync_dir(ckpt_dir)
+    # torch.save reports a full disk as a RuntimeError from its zip writer, safetensors as a SafetensorError
+    except (OSError, RuntimeError, SafetensorError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        reason = (e.strerror if isinstance(e, OSError) and e.strerror
-                  else f"{(str(e).strip() or type(e).__name__).splitlines()[0]}; disk full?")
+        reason = os_error_reason(e)
+        if not isinstance(e, OSError) and "disk full" not in reason:
+            reason += "; disk full?"
         raise CheckpointError(f"could not save checkpoint step {step} ({reason}); "
                               f"earlier checkpoints in {ckpt_dir} are intact") from None
     for old in list_checkpoints(ckpt_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        _delete(old)
     return final
+
+
+def _delete(checkpoint: Path) -> None:
+    """Remove a checkpoint so that it is never half-listed: rename it to a name `list_checkpoints` ignores, then
+    delete. A kill in between leaves a hidden folder, not a damaged checkpoint."""
+    doomed = Path(tempfile.mkdtemp(dir=checkpoint.parent, prefix=f".{checkpoint.name}.", suffix=".deleting"))
+    os.replace(checkpoint, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def list_checkpoints(ckpt_dir: Path) -> list[Path]:
     """Complete checkpoints (temp folders excluded), oldest first."""
     if not ckpt_dir.is_dir():
         return []
-    return sorted(p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step_")
-                  and not p.name.endswith(".tmp") and (p / META_FILE).exists())
+    return sorted(p for p in ckpt_dir.iterdir() if p.is_dir() and _NAME.fullmatch(p.name)
+                  and (p / META_FILE).exists())
 
 
 def verify(path: Path) -> dict[str, Any]:

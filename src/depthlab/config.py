@@ -2,6 +2,10 @@
 
 A config is built in layers: defaults → preset or YAML file → ``--section.key=value`` overrides, then validated.
 Every error names the offending key (and, for typos, the closest valid one) in one line.
+
+Every numeric field declares its range (`at_least`, `above`, `between`) and every closed-vocabulary string its
+choices (`one_of`) next to its default; `validate` checks all of them, plus finiteness of every float, the int64
+range of every int and the cross-field rules (divisibility, MoE), before anything is allocated or written.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import functools
 import inspect
 import itertools
 import math
+import re
 import textwrap
 import types
 import typing
@@ -26,21 +31,70 @@ import yaml
 from depthlab.errors import ConfigError
 
 NORM_PLACEMENTS = ("pre", "post", "mix", "peri")
+INT64_MAX = 2**63 - 1
+"""The largest int any field accepts (torch seeds, step counters and sizes are int64)."""
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The declared valid values of one field: a numeric interval or a set of choices."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    choices: tuple | None = None
+
+    def check(self, key: str, value: Any) -> None:
+        if self.choices is not None:
+            _check(value in self.choices, f"{key} must be {self.describe()}, got {value!r}")
+            return
+        below = self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo)
+        above = self.hi is not None and value > self.hi
+        _check(not (below or above), f"{key} must be {self.describe()}, got {value}")
+
+    def describe(self) -> str:
+        if self.choices is not None:
+            return "one of " + "|".join(map(str, self.choices))
+        if self.hi is not None and self.lo is not None:
+            return f"in {'(' if self.lo_open else '['}{self.lo}, {self.hi}]"
+        if self.lo == 0 and self.lo_open or self.lo == 1 and not self.lo_open:
+            return "positive"
+        return f"{'>' if self.lo_open else '>='} {self.lo}"
+
+
+def _bounded(default: Any, bound: Bound) -> Any:
+    return field(default=default, metadata={"bound": bound})
+
+
+def at_least(default: float, lo: float) -> Any:
+    return _bounded(default, Bound(lo))
+
+
+def above(default: float, lo: float) -> Any:
+    return _bounded(default, Bound(lo, lo_open=True))
+
+
+def between(default: float, lo: float, hi: float) -> Any:
+    return _bounded(default, Bound(lo, hi))
+
+
+def one_of(default: str, choices: tuple[str, ...]) -> Any:
+    return _bounded(default, Bound(choices=choices))
 
 
 @dataclass
 class MoEConfig:
-    num_experts: int = 0
+    num_experts: int = at_least(0, 0)
     """Number of routed experts E per block; 0 means a dense SwiGLU FFN."""
-    top_k: int = 2
+    top_k: int = at_least(2, 1)
     """Experts each token is routed to (k); the expert density is k/E."""
-    expert_hidden: int = 0
+    expert_hidden: int = at_least(0, 0)
     """Hidden size H_e of each expert's SwiGLU; 0 means the dense FFN hidden size."""
-    shared_expert_hidden: int = 0
+    shared_expert_hidden: int = at_least(0, 0)
     """Hidden size of an always-on shared expert; 0 means none."""
-    lb_weight: float = 0.01
+    lb_weight: float = at_least(0.01, 0)
     """Weight w_lb of the load-balancing loss (divided by n_layers once)."""
-    z_weight: float = 0.001
+    z_weight: float = at_least(0.001, 0)
     """Weight w_z of the router z-loss (divided by n_layers once)."""
     renormalize: bool = False
     """Renormalise the chosen experts' probabilities to sum to 1."""
@@ -48,39 +102,39 @@ class MoEConfig:
 
 @dataclass
 class ModelConfig:
-    vocab_size: int = 0
+    vocab_size: int = at_least(0, 0)
     """Vocabulary size; 0 means take it from the prepared dataset's tokenizer."""
-    d_model: int = 128
+    d_model: int = at_least(128, 1)
     """Width of the residual stream d."""
-    n_layers: int = 4
+    n_layers: int = at_least(4, 1)
     """Number of transformer blocks L (depth)."""
-    n_heads: int = 4
+    n_heads: int = at_least(4, 1)
     """Number of attention query heads."""
-    n_kv_heads: int = 0
+    n_kv_heads: int = at_least(0, 0)
     """Number of key/value heads; 0 means n_heads (multi-head). GQA group size G = n_heads / n_kv_heads."""
-    seq_len: int = 128
+    seq_len: int = at_least(128, 1)
     """Context length T used in training (and the RoPE table size)."""
-    ffn_hidden: int = 0
+    ffn_hidden: int = at_least(0, 0)
     """SwiGLU hidden size; 0 means 8/3·d_model rounded up to a multiple of 64."""
-    norm: str = "pre"
+    norm: str = one_of("pre", NORM_PLACEMENTS)
     """Norm placement: pre | post | mix (Mix-LN) | peri (Peri-LN)."""
-    mix_fraction: float = 0.25
+    mix_fraction: float = between(0.25, 0, 1)
     """Mix-LN: the first floor(n_layers·mix_fraction) blocks are post-LN, the rest pre-LN."""
     lns: bool = False
     """LayerNorm Scaling: multiply each block's normed input by 1/sqrt(l+1)."""
-    norm_eps: float = 1e-6
+    norm_eps: float = at_least(1e-6, 0)
     """RMSNorm epsilon."""
     norm_affine: bool = True
     """RMSNorm has a learned per-feature weight."""
     qk_norm: bool = False
     """Apply RMSNorm to queries and keys per head before RoPE."""
-    rope_theta: float = 10000.0
+    rope_theta: float = above(10000.0, 0)
     """RoPE base frequency."""
     tie_embeddings: bool = False
     """Share the token embedding matrix with the LM head."""
-    init_std: float = 0.02
+    init_std: float = above(0.02, 0)
     """Standard deviation of the normal initialisation of every matrix and embedding."""
-    init_scheme: str = "normal"
+    init_scheme: str = one_of("normal", ("normal", "depth_scaled"))
     """normal | depth_scaled (output projections scaled by 1/sqrt(2·n_layers); interacts badly with lns)."""
     moe: MoEConfig = field(default_factory=MoEConfig)
     """Mixture-of-experts FFN settings."""
@@ -103,53 +157,57 @@ class DataConfig:
     path: str = ""
     """Prepared dataset folder (from `depthlab data prepare`); empty means the bundled Shakespeare corpus, prepared
     on first use into the cache."""
-    vocab_size: int = 4096
+    vocab_size: int = at_least(4096, 256 + 2)
     """BPE vocabulary size when the bundled corpus is prepared automatically."""
 
 
 @dataclass
 class OptimizerConfig:
-    lr: float = 3e-3
+    lr: float = above(3e-3, 0)
     """Peak learning rate of AdamW."""
-    weight_decay: float = 0.1
+    weight_decay: float = at_least(0.1, 0)
     """Decoupled weight decay λ (applied as lr·λ·w per step)."""
     betas: tuple[float, float] = (0.9, 0.95)
     """AdamW β1, β2."""
-    eps: float = 1e-8
+    eps: float = above(1e-8, 0)
     """AdamW epsilon."""
     decay_norms: bool = False
     """Also decay norm weights (and biases, if any)."""
     decay_embeddings: bool = False
     """Also decay the token embedding (and the LM head when tied)."""
-    grad_clip: float = 1.0
+    grad_clip: float = at_least(1.0, 0)
     """Clip the global gradient norm to this value; 0 disables clipping."""
 
 
 @dataclass
 class ScheduleConfig:
-    warmup_steps: int = 50
+    warmup_steps: int = at_least(50, 0)
     """Linear warmup steps from 0 to the peak learning rate."""
-    alpha_f: float = 0.1
+    alpha_f: float = between(0.1, 0, 1)
     """Final learning rate as a fraction of the peak, reached by cosine decay at max_steps."""
+    decay_steps: int = at_least(0, 0)
+    """Step where the cosine decay reaches alpha_f·lr, which then stays; 0 means trainer.max_steps. Resuming with a
+    larger trainer.max_steps sets it to the original max_steps: an extended run keeps its schedule and trains the
+    extra steps at the final rate."""
 
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 300
+    max_steps: int = at_least(300, 1)
     """Optimizer steps to train for."""
-    batch_size: int = 32
+    batch_size: int = at_least(32, 1)
     """Global batch size in sequences per optimizer step (across all ranks and micro-batches)."""
-    micro_batch_size: int = 0
+    micro_batch_size: int = at_least(0, 0)
     """Sequences per forward/backward on one rank; 0 means batch_size / world_size (no accumulation)."""
-    eval_interval: int = 100
+    eval_interval: int = at_least(100, 0)
     """Steps between validation-loss evaluations (and at the end); 0 disables."""
-    eval_batches: int = 8
+    eval_batches: int = at_least(8, 1)
     """Validation size in global batches: eval_batches × batch_size fixed windows from the start of the val split."""
-    save_interval: int = 100
+    save_interval: int = at_least(100, 0)
     """Steps between checkpoints (and at the end); 0 saves only at the end."""
-    keep_last: int = 2
+    keep_last: int = at_least(2, 1)
     """Number of most recent checkpoints to keep."""
-    stats_interval: int = 25
+    stats_interval: int = at_least(25, 0)
     """Steps between per-layer statistics lines in layer_stats.jsonl; 0 disables."""
     stats_moments: bool = False
     """Also log skewness, kurtosis and the |z|>3 outlier fraction of the residual stream."""
@@ -159,9 +217,9 @@ class TrainerConfig:
     """Also log weight sparsity per block and matrix type (SPEC §5.6)."""
     stats_attention: bool = False
     """Also log attention entropy / effective support per layer on a fixed probe batch (SPEC §5.7)."""
-    seed: int = 0
+    seed: int = at_least(0, 0)
     """Seed of the initialisation and of the data order."""
-    dtype: str = "auto"
+    dtype: str = one_of("auto", ("auto", "bf16", "fp32"))
     """Autocast dtype: auto (bf16 on GPUs and CPUs with native bf16 units, else fp32) | bf16 | fp32."""
     device: str = "auto"
     """auto | cpu | cuda | cuda:N."""
@@ -169,7 +227,7 @@ class TrainerConfig:
     """torch.compile the model (GPU runs)."""
     fsdp: bool = False
     """Shard parameters with FSDP2 when running under torchrun."""
-    log_interval: int = 10
+    log_interval: int = at_least(10, 1)
     """Steps between lines in metrics.jsonl."""
 
 
@@ -179,7 +237,7 @@ class LoggingConfig:
     """Also write TensorBoard event files when tensorboard is installed."""
     wandb_project: str = ""
     """Weights & Biases project; empty disables W&B."""
-    wandb_mode: str = "offline"
+    wandb_mode: str = one_of("offline", ("offline", "online"))
     """W&B mode: offline | online."""
     progress: bool = True
     """Show a live progress line."""
@@ -245,6 +303,15 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+def bound_of(key: str) -> Bound | None:
+    """The declared range or choices of a dotted config key (None for free-form fields)."""
+    *path, name = key.split(".")
+    cls = Config
+    for part in path:
+        cls = _field_types(cls)[part]
+    return next(f.metadata.get("bound") for f in dataclasses.fields(cls) if f.name == name)
+
+
 def all_keys(cls: type = Config) -> list[str]:
     return [row[0] for row in describe(cls)]
 
@@ -271,7 +338,10 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
             except ValueError:
                 pass
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:
+                raise ConfigError(f"{key} must be a finite number, got {_short(value)}") from None
     elif tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -290,6 +360,11 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
                 except ConfigError:
                     pass
     raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _short(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= 40 else f"a {len(text)}-digit number"
 
 
 def _unknown_key(key: str, valid: list[str]) -> ConfigError:
@@ -330,6 +405,28 @@ def to_dict(obj: Any) -> dict[str, Any]:
     return out
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a key given twice in one mapping (PyYAML silently keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def safe_load_unique(text: str) -> Any:
+    """``yaml.safe_load`` with duplicate keys refused."""
+    loader = UniqueKeyLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
@@ -339,7 +436,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read config file {path}: {e}") from None
     try:
-        data = yaml.safe_load(text)
+        data = safe_load_unique(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -447,54 +544,47 @@ def _check(ok: bool, message: str) -> None:
 
 
 def validate(cfg: Config) -> Config:
-    m, o, s, t = cfg.model, cfg.optimizer, cfg.schedule, cfg.trainer
-    for key in ("d_model", "n_layers", "n_heads", "seq_len"):
-        _check(getattr(m, key) > 0, f"model.{key} must be positive, got {getattr(m, key)}")
-    _check(m.vocab_size >= 0, f"model.vocab_size must be >= 0 (0 = from the tokenizer), got {m.vocab_size}")
-    _check(m.n_kv_heads >= 0, f"model.n_kv_heads must be >= 0, got {m.n_kv_heads}")
+    """Check every field against its type and declared bound, then the rules that tie fields together."""
+    _validate_fields(cfg)
+    m, o, t = cfg.model, cfg.optimizer, cfg.trainer
     _check(m.d_model % m.n_heads == 0,
            f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads})")
     _check(m.n_heads % m.kv_heads == 0,
            f"model.n_heads ({m.n_heads}) must be divisible by model.n_kv_heads ({m.kv_heads})")
     _check(m.head_dim % 2 == 0, f"head dim d_model/n_heads = {m.head_dim} must be even for RoPE")
-    _check(m.norm in NORM_PLACEMENTS, f"model.norm must be one of {'|'.join(NORM_PLACEMENTS)}, got '{m.norm}'")
-    _check(0.0 <= m.mix_fraction <= 1.0, f"model.mix_fraction must be in [0, 1], got {m.mix_fraction}")
-    _check(m.init_scheme in ("normal", "depth_scaled"),
-           f"model.init_scheme must be normal|depth_scaled, got '{m.init_scheme}'")
-    _check(m.init_std > 0, f"model.init_std must be positive, got {m.init_std}")
-    _check(m.ffn_hidden >= 0, f"model.ffn_hidden must be >= 0, got {m.ffn_hidden}")
     e = m.moe
-    _check(e.num_experts >= 0, f"model.moe.num_experts must be >= 0 (0 = dense), got {e.num_experts}")
     if e.num_experts:
-        _check(1 <= e.top_k <= e.num_experts,
+        _check(e.top_k <= e.num_experts,
                f"model.moe.top_k ({e.top_k}) must be between 1 and model.moe.num_experts ({e.num_experts})")
-        _check(e.expert_hidden >= 0 and e.shared_expert_hidden >= 0,
-               "model.moe.expert_hidden and model.moe.shared_expert_hidden must be >= 0")
-        _check(e.lb_weight >= 0 and e.z_weight >= 0, "model.moe.lb_weight and model.moe.z_weight must be >= 0")
     else:
         moe_set = [f"model.moe.{k}" for k, v in to_dict(e).items() if v != getattr(MoEConfig(), k)]
         _check(not moe_set, f"{', '.join(moe_set)} set but model.moe.num_experts is 0 (dense): set "
                             "model.moe.num_experts or remove them")
-    _check(o.lr > 0, f"optimizer.lr must be positive, got {o.lr}")
-    _check(o.weight_decay >= 0, f"optimizer.weight_decay must be >= 0, got {o.weight_decay}")
     _check(all(0 <= b < 1 for b in o.betas), f"optimizer.betas must be in [0, 1), got {list(o.betas)}")
-    _check(o.grad_clip >= 0, f"optimizer.grad_clip must be >= 0, got {o.grad_clip}")
-    _check(s.warmup_steps >= 0, f"schedule.warmup_steps must be >= 0, got {s.warmup_steps}")
-    _check(0 <= s.alpha_f <= 1, f"schedule.alpha_f must be in [0, 1], got {s.alpha_f}")
-    _check(t.max_steps > 0, f"trainer.max_steps must be positive, got {t.max_steps}")
-    _check(t.batch_size > 0, f"trainer.batch_size must be positive, got {t.batch_size}")
-    _check(t.micro_batch_size >= 0, f"trainer.micro_batch_size must be >= 0, got {t.micro_batch_size}")
+    _check(cfg.schedule.decay_steps <= t.max_steps, f"schedule.decay_steps ({cfg.schedule.decay_steps}) must not "
+           f"exceed trainer.max_steps ({t.max_steps})")
     if t.micro_batch_size:
         _check(t.batch_size % t.micro_batch_size == 0,
                f"trainer.batch_size ({t.batch_size}) must be divisible by trainer.micro_batch_size "
                f"({t.micro_batch_size})")
-    for key in ("eval_interval", "save_interval", "stats_interval", "eval_batches", "log_interval"):
-        _check(getattr(t, key) >= 0, f"trainer.{key} must be >= 0, got {getattr(t, key)}")
-    _check(t.keep_last >= 1, f"trainer.keep_last must be >= 1, got {t.keep_last}")
-    _check(t.dtype in ("auto", "bf16", "fp32"), f"trainer.dtype must be auto|bf16|fp32, got '{t.dtype}'")
-    _check(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
+    _check(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", t.device) is not None,
            f"trainer.device must be auto|cpu|cuda[:N], got '{t.device}'")
-    _check(cfg.data.vocab_size >= 256 + 2, f"data.vocab_size must be >= 258, got {cfg.data.vocab_size}")
-    _check(cfg.logging.wandb_mode in ("offline", "online"),
-           f"logging.wandb_mode must be offline|online, got '{cfg.logging.wandb_mode}'")
     return cfg
+
+
+def _validate_fields(obj: Any, prefix: str = "") -> None:
+    """Types (a field set by attribute bypasses `_coerce`), finiteness, the int64 range and each declared Bound."""
+    types_ = _field_types(type(obj))
+    for f in dataclasses.fields(obj):
+        key, value = prefix + f.name, getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _validate_fields(value, key + ".")
+            continue
+        value = _coerce(key, types_[f.name], value)
+        for v in value if isinstance(value, tuple) else (value,):
+            if isinstance(v, float):
+                _check(math.isfinite(v), f"{key} must be a finite number, got {v}")
+            if isinstance(v, int) and not isinstance(v, bool):
+                _check(abs(v) <= INT64_MAX, f"{key} must be at most {INT64_MAX} (int64), got {_short(v)}")
+        if "bound" in f.metadata:
+            f.metadata["bound"].check(key, value)

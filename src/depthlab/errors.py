@@ -35,3 +35,15 @@ class EvalError(DepthlabError):
 
 class StudyError(DepthlabError):
     """A study spec or study folder is invalid."""
+
+
+class FileSystemError(DepthlabError):
+    """A path cannot be written or read: read-only, not a folder, exists, name too long, permission, disk full."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped the work at a safe point; `saved` says what was kept for resuming."""
+
+    def __init__(self, saved: str):
+        super().__init__(saved)
+        self.saved = saved

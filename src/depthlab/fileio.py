@@ -1,17 +1,41 @@
-"""Atomic file writes: a reader (or a crash) never sees a half-written file under its real name."""
+"""Safe file output: atomic files and folders, output paths checked up front, filesystem errors in one line.
+
+Three rules every writer in depthlab follows:
+
+- **Atomic.** A file or folder is written under a unique hidden temporary name beside its target and renamed into
+  place when complete, so a reader (or a crash) never sees half of it under its real name. A folder that already
+  exists is swapped with the new one in a single ``renameat2(RENAME_EXCHANGE)`` where the OS has it; elsewhere two
+  renames leave, at worst, both the old and the new folder intact under hidden names.
+- **Nothing is destroyed unasked.** A non-empty output folder is replaced only with ``overwrite``, and even then
+  never when it is the filesystem root, the home folder, the current folder (or an ancestor of either), or a folder
+  holding the input being read.
+- **One line.** Permission, read-only, not-a-folder, name-too-long and disk-full failures become a `FileSystemError`
+  naming the path, which the CLI prints as one line.
+"""
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import json
+import math
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
+
+from depthlab.errors import FileSystemError
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     """Call ``write(tmp)`` on a temporary file beside `path`, fsync it, then rename it over `path`."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise FileSystemError(os_error_message(e, path)) from None
     os.close(fd)
     tmp = Path(tmp)
     try:
@@ -19,6 +43,9 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise FileSystemError(os_error_message(e, path)) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -26,3 +53,179 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# JSON without NaN literals
+
+
+def finite_json(value: Any) -> Any:
+    """`value` with every non-finite float replaced by None (JSON has no NaN or Infinity)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_json(v) for v in value]
+    return value
+
+
+def dumps_json(value: Any, **kwargs) -> str:
+    """``json.dumps`` that writes non-finite floats as null, so every file depthlab writes is valid JSON."""
+    return json.dumps(finite_json(value), allow_nan=False, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Output paths
+
+
+def os_error_message(e: BaseException, path: str | Path) -> str:
+    """One line for a failure to write `path`."""
+    return f"cannot write {path}: {os_error_reason(e)}"
+
+
+def os_error_reason(e: BaseException) -> str:
+    """What a filesystem failure means, in a few words (a full disk also when a library reports it in its text)."""
+    code = getattr(e, "errno", None)
+    if code is None and ("No space left" in str(e) or "StorageFull" in str(e)):
+        code = errno.ENOSPC
+    reason = {errno.ENOSPC: "no space left on device (disk full)", errno.EROFS: "read-only file system",
+              errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+              errno.ENAMETOOLONG: "file name too long", errno.ENOTDIR: "a path component is not a folder",
+              errno.EEXIST: "already exists", errno.EISDIR: "is a folder", errno.EDQUOT: "disk quota exceeded",
+              errno.ELOOP: "too many symbolic links"}.get(code)
+    return reason or getattr(e, "strerror", None) or (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def check_out(path: str | Path, flag: str = "--out", *, folder: bool = True) -> Path:
+    """`path` as an output location that can be created, or a one-line FileSystemError naming it.
+
+    Refused: an empty path, the filesystem root, a dangling symlink, an existing file where a folder is wanted (or a
+    folder where a file is), a name longer than the filesystem allows, and a location under a file or a folder that
+    is read-only or not writable. Nothing is created.
+    """
+    if not str(path).strip():
+        raise FileSystemError(f"{flag} is empty: name an output {'folder' if folder else 'file'}")
+    path = Path(path).expanduser()
+    resolved = Path(os.path.realpath(path))
+    if resolved == Path(resolved.anchor):
+        raise FileSystemError(f"{flag} {path} is the filesystem root: name a folder to write into")
+    if path.is_symlink() and not path.exists():
+        raise FileSystemError(f"{flag} {path} is a dangling symbolic link")
+    if folder and path.exists() and not path.is_dir():
+        raise FileSystemError(f"{flag} {path} is a file, not a folder")
+    if not folder and path.is_dir():
+        raise FileSystemError(f"{flag} {path} is a folder, not a file")
+    existing = resolved
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise FileSystemError(f"cannot write {path}: {existing} is a file, not a folder")
+    try:
+        name_max = os.pathconf(existing, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    for part in resolved.relative_to(existing).parts:
+        if len(os.fsencode(part)) > name_max:
+            raise FileSystemError(f"cannot write {path}: file name too long ({len(os.fsencode(part))} bytes, "
+                                  f"the limit is {name_max})")
+    target = resolved if resolved.exists() else existing
+    if not os.access(target, os.W_OK | os.X_OK if target.is_dir() else os.W_OK):
+        why = "read-only file system" if _read_only(target) else "permission denied"
+        raise FileSystemError(f"cannot write {path}: {target} is not writable ({why})")
+    return path
+
+
+def _read_only(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def check_replaceable(out: str | Path, protect: Iterable[str | Path] = (), flag: str = "--out") -> None:
+    """Refuse to replace a folder whose loss would destroy what the user did not name: the filesystem root, the home
+    folder, the current folder or an ancestor of either, or a folder that is (or holds) a protected input path."""
+    target = Path(os.path.realpath(Path(out).expanduser()))
+    guarded = [(Path.home(), "the home folder"), (Path.cwd(), "the current folder")]
+    guarded += [(Path(p).expanduser(), f"the input {p}") for p in protect]
+    for path, what in guarded:
+        path = Path(os.path.realpath(path))
+        if target == path or target in path.parents:
+            inside = "" if target == path else f", which holds {what}"
+            raise FileSystemError(f"refusing to replace {flag} {out}: it is {what if not inside else 'a folder'}"
+                                  f"{inside}")
+
+
+def write_folder(out: str | Path, write: Callable[[Path], None], *, overwrite: bool = False,
+                 protect: Iterable[str | Path] = (), flag: str = "--out") -> Path:
+    """Fill a fresh folder with ``write(tmp)`` and put it at `out` atomically; returns `out`.
+
+    An existing non-empty `out` is replaced only with `overwrite` (and never one that `check_replaceable` guards).
+    On any failure the temporary folder is removed and `out` is left as it was.
+    """
+    out = check_out(out, flag)
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise FileSystemError(f"{flag} {out} exists and is not empty: pass --overwrite to replace it, or choose "
+                                  "another folder")
+        check_replaceable(out, protect, flag)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    except OSError as e:
+        raise FileSystemError(os_error_message(e, out)) from None
+    try:
+        write(tmp)
+        _fsync_tree(tmp)
+        if out.exists():
+            _exchange(tmp, out)  # tmp now holds the old folder
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+        fsync_dir(out.parent)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) or os_error_reason(e).endswith("(disk full)"):
+            raise FileSystemError(os_error_message(e, out) + f"; {out} is unchanged") from None
+        raise
+    return out
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in root.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+
+
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> None:
+    """Swap two folders atomically (Linux renameat2); elsewhere move `b` aside, then `a` into its place."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        rename2 = libc.renameat2
+    except (OSError, AttributeError):
+        rename2 = None
+    if rename2 is not None:
+        at_fdcwd = -100
+        if rename2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+            return
+        code = ctypes.get_errno()
+        if code not in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+            raise OSError(code, os.strerror(code), str(b))
+    aside = Path(tempfile.mkdtemp(dir=b.parent, prefix=f".{b.name}.", suffix=".old"))
+    os.rename(b, aside / b.name)
+    os.rename(a, b)
+    os.rename(aside / b.name, a)
+    aside.rmdir()

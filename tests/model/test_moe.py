@@ -246,7 +246,7 @@ def test_bad_moe_configs_name_their_keys(moe, match):
 
 @pytest.mark.parametrize("src_moe, dst_moe, kind", [(True, False, "MoE"), (False, True, "MoE"), (True, True, "MoE")])
 def test_dense_and_moe_checkpoints_do_not_cross_load(tmp_path, src_moe, dst_moe, kind):
-    from depthlab.train.checkpoint import load_model_weights, model_state, save_checkpoint
+    from depthlab.checkpoint import load_model_weights, model_state, save_checkpoint
 
     dense = {"num_experts": 0, "top_k": 2, "expert_hidden": 0}
     src = Transformer(moe_cfg() if src_moe else moe_cfg(**dense))

@@ -115,7 +115,7 @@ def test_block_matches_hand_written_reference(norm, lns):
 def test_lns_scale_survives_meta_init_and_reload(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from depthlab.train.checkpoint import model_state
+    from depthlab.checkpoint import model_state
 
     src = model_for(lns=True)
     save_file(model_state(src), tmp_path / "m.safetensors")

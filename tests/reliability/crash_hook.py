@@ -36,7 +36,7 @@ def install(point: str, at: int) -> None:
     import torch
 
     import depthlab.data
-    from depthlab.train import checkpoint as ckpt
+    from depthlab import checkpoint as ckpt
     from depthlab.train import trainer
 
     tmp_name = f"step_{at:06d}.tmp"

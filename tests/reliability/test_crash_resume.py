@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from depthlab.train import checkpoint as ckpt
+from depthlab import checkpoint as ckpt
 from depthlab.train.trainer import train
 from tests.conftest import tiny_config
 from tests.reliability.conftest import write_config

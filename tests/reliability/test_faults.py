@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from depthlab.cli import main
-from depthlab.train import checkpoint as ckpt
+from depthlab import checkpoint as ckpt
 from depthlab.train.trainer import train
 from tests.conftest import tiny_config
 from tests.reliability.conftest import write_config

@@ -20,7 +20,7 @@ import yaml
 from depthlab.cli import main
 from depthlab.errors import CheckpointError, ModelLoadError
 from depthlab.loading import load_model
-from depthlab.train import checkpoint as ckpt
+from depthlab import checkpoint as ckpt
 from tests.conftest import tiny_config
 from tests.reliability.conftest import write_config
 

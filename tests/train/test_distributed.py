@@ -13,7 +13,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from depthlab.train import checkpoint as ckpt
+from depthlab import checkpoint as ckpt
 from depthlab.train.trainer import train
 from tests.conftest import tiny_config
 

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import depthlab.data
 from depthlab.errors import CheckpointError, ConfigError, TrainingError
-from depthlab.train import checkpoint as ckpt
+from depthlab import checkpoint as ckpt
 from depthlab.train.trainer import train
 from tests.conftest import tiny_config
 

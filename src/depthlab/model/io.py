@@ -6,22 +6,16 @@ from pathlib import Path
 
 import torch
 
+from depthlab import checkpoint as ckpt
 from depthlab import config as cfgmod
 from depthlab.errors import ModelLoadError
 from depthlab.model.transformer import Transformer
-from depthlab.train import checkpoint as ckpt
-
-
-def _run_dir(path: Path) -> Path:
-    """The run folder of a run path or of one of its checkpoint folders."""
-    return path.parent.parent if (path / ckpt.META_FILE).exists() else path
+from depthlab.rundir import RunDir, is_checkpoint
 
 
 def is_depthlab_path(path: str | Path) -> bool:
     """A run folder (config.yaml + checkpoints/) or a checkpoint folder inside one."""
-    path = Path(path)
-    run = _run_dir(path)
-    return path.is_dir() and (run / "config.yaml").exists() and (run / "checkpoints").is_dir()
+    return Path(path).is_dir() and RunDir.of(path).is_run()
 
 
 def load_depthlab(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
@@ -29,21 +23,21 @@ def load_depthlab(path: str | Path, device: str | torch.device = "cpu", dtype: t
     from transformers import PreTrainedTokenizerFast
 
     path = Path(path)
-    run = _run_dir(path)
-    cfg = cfgmod.from_dict(cfgmod.read_yaml(run / "config.yaml"))
+    run = RunDir.of(path)
+    cfg = cfgmod.from_dict(run.read_config())
     cfgmod.validate(cfg)
-    if (path / ckpt.META_FILE).exists():
-        checkpoint = path
-    else:
-        found = ckpt.list_checkpoints(run / "checkpoints")
-        if not found:
-            raise ModelLoadError(f"run {run} has no complete checkpoint yet")
-        checkpoint = found[-1]
+    checkpoint = path if is_checkpoint(path) else run.latest()
+    if checkpoint is None:
+        raise ModelLoadError(f"run {run.path} has no complete checkpoint yet")
     model = Transformer(cfg.model)
     ckpt.load_model_weights(checkpoint, model)
     model.to(device=device, dtype=dtype).eval()
     model.checkpoint_path = str(checkpoint)
-    if not (run / "tokenizer.json").exists():
-        raise ModelLoadError(f"run {run} has no tokenizer.json")
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(run))
+    if not run.tokenizer_path.exists():
+        raise ModelLoadError(f"run {run.path} has no {RunDir.TOKENIZER}")
+    try:
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(run.path))
+    except Exception as e:  # noqa: BLE001 — the tokenizers library raises bare Exceptions for a torn file
+        raise ModelLoadError(f"cannot read {run.tokenizer_path}: {str(e).splitlines()[0] if str(e) else e!r}"
+                             ) from None
     return model, tokenizer

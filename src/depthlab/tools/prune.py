@@ -215,7 +215,7 @@ def _save_depthlab_run(model, tokenizer, folder: Path, source_config: dict | Non
     import yaml
 
     from depthlab import config as cfgmod
-    from depthlab.train import checkpoint as ckpt
+    from depthlab import checkpoint as ckpt
 
     folder.mkdir(parents=True)
     config = cfgmod.from_dict(source_config) if source_config else cfgmod.Config()

@@ -59,7 +59,7 @@ class Dist:
         """
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-        from depthlab.train.checkpoint import model_state
+        from depthlab.checkpoint import model_state
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         weights, optim = get_state_dict(model, optimizer, options=options)
