@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from depthlab.analysis.branches import branch_effects
 from depthlab.analysis.engine import Engine
 from depthlab.analysis.interventions import causal_effects, permutation_scores
 from depthlab.analysis.jacobians import jacobian
+from depthlab.analysis.lens import logit_lens, tuned_lens
 from depthlab.analysis.moe import moe_stats
 from depthlab.analysis.profiles import angular_distance, variance_profile
 from depthlab.analysis.replacement import usefulness
@@ -24,6 +26,9 @@ METRICS: dict[str, Callable] = {
     "weight_sparsity": weight_sparsity,
     "attention_sparsity": attention_sparsity,
     "moe": moe_stats,
+    "lens": logit_lens,
+    "tuned_lens": tuned_lens,
+    "branches": branch_effects,
 }
 """Metric name → public function. Every function takes (model, input_ids, **options) and returns a Result."""
 
