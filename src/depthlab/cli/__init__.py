@@ -1,7 +1,13 @@
+# PYTHON_ARGCOMPLETE_OK  (argcomplete's global completion looks for this marker in the entry point's module)
 """The `depthlab` command line: a thin layer that parses arguments and calls the public API.
 
-Each subcommand lives in its own module here and exposes ``register(subparsers)``, which adds its parser and sets
-``func`` to a function ``(args) -> int | None``. A DepthlabError becomes one line on stderr and exit code 2.
+Each subcommand lives in its own module here and exposes ``register(subparsers, help)``, which adds its parser (with
+the shared arguments of `depthlab.cli.common`) and sets ``func`` to a function ``(args) -> int | None``. A
+DepthlabError becomes one line on stderr and exit code 2.
+
+Building the parser imports no torch (each command imports what it needs when it runs), so ``depthlab --version``,
+``--help`` and shell completion answer at once. Completion uses argcomplete when it is installed:
+``eval "$(register-python-argcomplete depthlab)"`` in ~/.bashrc (or ``activate-global-python-argcomplete`` once).
 """
 
 from __future__ import annotations
@@ -9,9 +15,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import shlex
 import sys
 
 from depthlab import __version__
+from depthlab.cli.common import normalize_overrides, resolve_machine
 from depthlab.errors import DepthlabError
 
 # (module, help): the order is the order `depthlab --help` lists them.
@@ -36,7 +44,7 @@ COMMANDS = [
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2 (argparse's default prints usage too)
-        self.exit(2, f"depthlab: error: {message} (see '{self.prog} --help')\n")
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,42 +58,58 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _complete(parser: argparse.ArgumentParser) -> None:
+    """Answer a shell's completion request (and exit) when argcomplete is installed and the shell is asking."""
+    if "_ARGCOMPLETE" not in os.environ:
+        return
+    try:
+        import argcomplete
+    except ImportError:
+        return
+    argcomplete.autocomplete(parser)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    _complete(parser)
+    args, extra = parser.parse_known_args(normalize_overrides(sys.argv[1:] if argv is None else argv))
     if args.command is None:
         parser.print_help()
         return 2
     if extra and not getattr(args, "accepts_overrides", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = extra
+    from depthlab import fileio
+    from depthlab.errors import Interrupted
+    from depthlab.signals import terminate_as_interrupt
+
     try:
-        return int(args.func(args) or 0)
+        resolve_machine(args)
+        with terminate_as_interrupt():
+            return int(args.func(args) or 0)
     except DepthlabError as e:
         print(f"depthlab {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"depthlab {args.command}: interrupted (finished work is saved; rerun to resume)", file=sys.stderr)
+    except BrokenPipeError:  # `depthlab ... | head` closed the pipe: stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the final flush must not raise again
+        return 141
+    except OSError as e:  # the environment (permissions, read-only, full disk, a path that is not a folder)
+        print(f"depthlab {args.command}: error: {fileio.describe_os_error(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM
+        saved = e.saved if isinstance(e, Interrupted) else "work finished so far is saved"
+        again = ["depthlab", *(sys.argv[1:] if argv is None else argv)]
+        if getattr(args, "resume", None) is False:
+            again.append("--resume")
+        print(f"depthlab {args.command}: interrupted: {saved}; resume with: {shlex.join(again)}", file=sys.stderr)
         return 130
     except Exception as e:  # a bug, not bad input: keep it to one line unless debugging
+        if fileio.is_disk_full(e):
+            print(f"depthlab {args.command}: error: {fileio.os_error_reason(e)}", file=sys.stderr)
+            return 2
         if os.environ.get("DEPTHLAB_DEBUG"):
             raise
         print(f"depthlab {args.command}: internal error: {type(e).__name__}: {e} "
               "(set DEPTHLAB_DEBUG=1 for the traceback)", file=sys.stderr)
         return 1
 
-
-def not_available(name: str, issue: str):
-    """Register a subcommand whose feature has not landed yet: it says so and exits 2."""
-
-    def register(sub, help_: str) -> None:
-        p = sub.add_parser(name, help=f"{help_} [not available yet]", description=f"{help_}. Not available yet "
-                           f"({issue}).")
-        p.set_defaults(func=lambda args: _unavailable(name, issue), accepts_overrides=True)
-
-    return register
-
-
-def _unavailable(name: str, issue: str) -> int:
-    print(f"depthlab {name}: not available yet ({issue})", file=sys.stderr)
-    return 2

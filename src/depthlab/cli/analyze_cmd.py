@@ -6,32 +6,33 @@ import argparse
 import json
 
 from depthlab.analysis.defaults import CLI_METRICS
+from depthlab.cli import common
 
 
 def register(sub, help_: str) -> None:
     p = sub.add_parser(
         "analyze", help=help_, formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=f"{help_}.\n\nMODEL is a depthlab run or checkpoint folder, a Hugging Face folder or hub id, a "
-        ".gguf file, or 'smollm2'. Defaults are sized for a CPU: 8 sequences x 128 tokens in fp32 finish the default "
+        description=f"{help_}.\n\nDefaults are sized for a CPU: 8 sequences x 128 tokens in fp32 finish the default "
         "metrics on SmolLM2 (30 blocks) in a few minutes on 2 cores (bf16 matmuls are slower than fp32 on most "
         "CPUs; bf16 is the default on CUDA). The Python API (depthlab.analyze) uses SPEC defaults (64x512). "
         "Finished metrics are saved as they complete: rerunning the same command resumes.",
         epilog=f"default metrics: {','.join(CLI_METRICS)} (moe only for MoE models; permutation over adjacent "
         "pairs). 'all' adds jacobian (Rademacher estimate). Options per metric: --option usefulness.tau=0.2")
-    p.add_argument("model", metavar="MODEL")
+    common.add_model(p)
     p.add_argument("--metrics", default=None, help="comma-separated metric names, or 'all' (default: see below)")
     p.add_argument("--data", default=None, help="calibration text: a file/folder or prepared dataset "
                    "(default: held-out Shakespeare)")
     p.add_argument("--num-samples", type=int, default=8, help="sequences N (default 8)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence T (default 128)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    p.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="model dtype (default fp32 on CPU)")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    common.add_seed(p)
+    common.add_dtype(p)
+    common.add_device(p)
     p.add_argument("--micro-batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
     p.add_argument("--option", action="append", default=[], metavar="METRIC.KEY=VALUE",
                    help="a metric option, value parsed as JSON when possible (repeatable)")
-    p.add_argument("--out", default="analysis", help="output folder (default ./analysis)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    common.add_out(p, "output folder", default="analysis")
+    common.add_json(p, "results.json")
+    common.add_quiet(p)
     p.set_defaults(func=run)
 
 
@@ -58,7 +59,9 @@ def run(args) -> int:
     results = run_analysis(args.model, args.out, metrics=args.metrics, data=args.data, num_samples=args.num_samples,
                            seq_len=args.seq_len, seed=args.seed, dtype=args.dtype, device=args.device,
                            micro_batch_size=args.micro_batch_size, options=parse_options(args.option),
-                           progress=not args.no_progress)
+                           progress=not args.quiet)
+    if common.emit_json(args, results):
+        return 0
     print(format_summary(results))
     print(f"results: {args.out}/results.json")
     return 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from depthlab.cli import common
+
 
 def register(sub, help_: str) -> None:
     p = sub.add_parser("data", help=help_, description="Prepare token shards from a corpus, or describe a "
@@ -19,16 +21,18 @@ def register(sub, help_: str) -> None:
                       help="BPE vocabulary size (default 4096)")
     prep.add_argument("--val-fraction", type=float, default=0.05, metavar="F",
                       help="share of documents held out (default 0.05)")
-    prep.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the train/validation split")
+    common.add_seed(prep, "seed of the train/validation split")
     prep.add_argument("--text-field", default="text", metavar="F",
                       help="JSONL field / parquet or dataset column of the text (default 'text')")
-    prep.add_argument("--out", default=None, metavar="DIR",
-                      help="output folder (may be omitted for the bundled corpus with bpe: then the depthlab cache)")
+    common.add_out(prep, "output folder (may be omitted for the bundled corpus with bpe: then the depthlab cache); "
+                   "train on it with --data.path=DIR")
+    common.add_json(prep, "the dataset's meta.json")
     prep.add_argument("--overwrite", action="store_true", help="replace a folder holding a different dataset")
     info = actions.add_parser("info", help="describe a prepared dataset folder",
                               description="Print what a prepared dataset folder holds.")
     info.add_argument("dir", help="prepared dataset folder")
     info.add_argument("--verify", action="store_true", help="also re-hash the shards against meta.json")
+    common.add_json(info, "the dataset's meta.json")
     p.set_defaults(func=run, usage=p.format_usage)
 
 
@@ -38,13 +42,17 @@ def run(args) -> int:
     if args.action == "prepare":
         path = prepare_data(args.source, args.out, args.tokenizer, args.vocab_size, args.val_fraction, args.seed,
                             args.text_field, args.overwrite)
-        print(_summary(TokenDataset(path)))
+        dataset = TokenDataset(path)
+        if not common.emit_json(args, {"path": str(dataset.path), **dataset.meta}):
+            print(_summary(dataset))
+            print(f"train on it: depthlab train --preset tiny --data.path={dataset.path} --out runs/NAME")
         return 0
     if args.action == "info":
         dataset = TokenDataset(args.dir)
         if args.verify:
             dataset.verify()
-        print(_summary(dataset) + ("\nshards verified: sha256 match meta.json" if args.verify else ""))
+        if not common.emit_json(args, {"path": str(dataset.path), **dataset.meta, "verified": args.verify}):
+            print(_summary(dataset) + ("\nshards verified: sha256 match meta.json" if args.verify else ""))
         return 0
     print(args.usage(), end="")
     return 2

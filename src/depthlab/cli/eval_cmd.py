@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+from depthlab.cli import common
 from depthlab.eval.tasks import TASKS
 
 
@@ -15,7 +16,7 @@ def register(sub, help_: str) -> None:
                     f"Tasks: {', '.join(TASKS)}.",
         epilog="examples: depthlab eval smollm2 --tasks piqa,arc_easy --limit 200 | "
                "depthlab eval runs/l8 --tasks all --ppl-data shakespeare --out results/l8")
-    p.add_argument("model", help="model to load: alias (smollm2), depthlab run folder, HF folder or hub id, GGUF file")
+    common.add_model(p)
     p.add_argument("--tasks", help="comma-separated task names or 'all' (default: all, unless only --ppl-data is "
                    "given)")
     p.add_argument("--limit", type=int, help="score only the first N examples of each task (a fixed subset)")
@@ -28,10 +29,11 @@ def register(sub, help_: str) -> None:
                    "with --backend lm-eval: its batch size)")
     p.add_argument("--max-batch-tokens", type=int, default=2048, help="at most this many padded tokens per forward "
                    "pass (default 2048; raise it on a GPU)")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="load the model in this dtype (default: as "
-                   "stored; GGUF loads as fp32)")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    p.add_argument("--out", help="folder for results.json (and samples_<task>.jsonl with --log-samples)")
+    common.add_dtype(p)
+    common.add_device(p)
+    common.add_out(p, "folder for results.json (and samples_<task>.jsonl with --log-samples)")
+    common.add_json(p, "results.json")
+    common.add_quiet(p)
     p.add_argument("--log-samples", action="store_true", help="also write each example's log-likelihoods")
     p.add_argument("--backend", choices=["depthlab", "lm-eval"], default="depthlab",
                    help="scorer: depthlab's (default) or lm-evaluation-harness on the same model and data")
@@ -47,11 +49,10 @@ def run(args) -> int:
     tasks = args.tasks or (None if args.ppl_data else "all")
     if tasks is not None:
         resolve_tasks(tasks)  # fail on a bad task name before spending time loading the model
-    if args.limit is not None and args.limit < 1:
-        raise EvalError(f"--limit must be a positive number of examples, got {args.limit}")
-    for flag, value in (("--ppl-context", args.ppl_context), ("--ppl-stride", args.ppl_stride)):
+    for flag, value, unit in (("--limit", args.limit, "examples"), ("--ppl-context", args.ppl_context, "tokens"),
+                              ("--ppl-stride", args.ppl_stride, "tokens")):
         if value is not None and value < 1:  # 0 would otherwise silently mean "the default"
-            raise EvalError(f"{flag} must be a positive number of tokens, got {value}")
+            raise EvalError(f"{flag} must be a positive number of {unit}, got {value}")
     if args.log_samples and not args.out:
         raise EvalError("--log-samples writes files: give --out DIR")
     if args.backend == "lm-eval" and args.ppl_data:
@@ -61,7 +62,7 @@ def run(args) -> int:
 
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype,
                                   trust_remote_code=args.trust_remote_code)
-    progress = sys.stderr.isatty()
+    progress = not args.quiet and sys.stderr.isatty()
     if args.backend == "lm-eval":
         from depthlab.eval.lmeval import evaluate_lmeval
 
@@ -71,7 +72,10 @@ def run(args) -> int:
         results = evaluate(model, tokenizer, tasks, limit=args.limit, batch_size=args.batch_size,
                            max_batch_tokens=args.max_batch_tokens, ppl_data=args.ppl_data, ppl_context=args.ppl_context, ppl_stride=args.ppl_stride,
                            log_samples=args.log_samples, progress=progress, model_name=args.model)
+    path = save_results(results, args.out) if args.out else None
+    if common.emit_json(args, {k: v for k, v in results.items() if k != "samples"}):
+        return 0
     print(format_table(results))
-    if args.out:
-        print(f"wrote {save_results(results, args.out)}")
+    if path:
+        print(f"wrote {path}")
     return 0

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from depthlab.cli import common
+
 
 def register(sub, help_: str) -> None:
     p = sub.add_parser("export", help=help_, description="Export a depthlab run (latest checkpoint) or checkpoint "
                        "folder to a standard Hugging Face folder (Llama; Qwen3 with QK-norm; an HF MoE family for "
                        "MoE) that AutoModelForCausalLM.from_pretrained loads without custom code.")
     p.add_argument("run", help="run folder or checkpoint folder")
-    p.add_argument("--out", required=True, help="output folder (replaced atomically)")
+    common.add_out(p, "output folder: new or empty, or replaced atomically with --overwrite", required=True)
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (never the run itself, a "
+                   "folder holding it, the home or current folder)")
     p.set_defaults(func=run)
 
 
@@ -19,6 +23,6 @@ def run(args) -> int:
 
     if not is_depthlab_path(args.run):
         raise ModelLoadError(f"{args.run} is not a depthlab run or checkpoint folder")
-    out = export_hf(args.run, args.out)
+    out = export_hf(args.run, args.out, overwrite=args.overwrite)
     print(f"exported to {out}")
     return 0

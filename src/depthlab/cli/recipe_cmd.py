@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from depthlab.cli import common
 from depthlab.errors import ConfigError
 from depthlab.fileio import atomic_write_text
 
@@ -20,7 +21,7 @@ def register(sub, help_: str) -> None:
     p.add_argument("--budget-tokens", help="training tokens, e.g. 5B (default 20 per active parameter)")
     p.add_argument("--count-embeddings", action="store_true",
                    help="include the embedding and LM head (vocabulary 50304) in the active parameters")
-    p.add_argument("--out", help="YAML file to write (default: print to stdout)")
+    common.add_out(p, "YAML file to write (default: print to stdout)", metavar="FILE")
     p.set_defaults(func=run)
 
 

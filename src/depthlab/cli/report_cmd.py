@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+from depthlab.cli import common
+
 
 def register(sub, help_: str) -> None:
-    p = sub.add_parser("report", help=help_, description=f"{help_}: the study table (with the paper's numbers "
-                       "where the setting matches) and its figures. Works on unfinished studies too.")
-    p.add_argument("study_dir", metavar="STUDY_DIR")
-    p.add_argument("--out", default=None, help="output folder (default STUDY_DIR/report)")
+    p = sub.add_parser("report", help=help_, description=f"{help_}: the claims the study tests with their verdicts, "
+                       "the study table (with the paper's numbers where the setting matches) and its figures. Works "
+                       "on unfinished studies too. With several study folders and --combined FILE, also one claims "
+                       "table of all of them (e.g. docs/results/README.md).")
+    p.add_argument("study_dir", metavar="STUDY_DIR", nargs="+")
+    common.add_out(p, "output folder: the report's (one STUDY_DIR) or the parent of one folder per study, named "
+                      "like the study folder (several); default STUDY_DIR/report")
+    p.add_argument("--combined", default=None, metavar="FILE.md",
+                   help="also write the combined claims table of all the studies to this Markdown file")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from depthlab.study.report import write_report
+    from depthlab.study.report import write_reports
 
-    html_path, md_path = write_report(args.study_dir, args.out)
-    print(f"wrote {html_path}\nwrote {md_path}")
+    for path in write_reports(args.study_dir, args.out, args.combined):
+        print(f"wrote {path}")
     return 0

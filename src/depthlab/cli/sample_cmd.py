@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+from depthlab.cli import common
+
 
 def register(sub, help_: str) -> None:
     p = sub.add_parser("sample", help=help_, description="Generate text from a model (depthlab run or checkpoint, "
                        "Hugging Face folder or hub id, GGUF file, or 'smollm2').")
-    p.add_argument("model", help="run folder, checkpoint folder, HF folder/hub id, .gguf file or 'smollm2'")
+    common.add_model(p)
     p.add_argument("--prompt", default="ROMEO:", help="text to continue (default: %(default)r)")
     p.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate (default: %(default)s)")
     p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy (default: %(default)s)")
     p.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+    common.add_seed(p)
+    common.add_device(p)
+    common.add_dtype(p)
+    common.add_json(p, "prompt and text")
     p.set_defaults(func=run)
 
 
@@ -22,7 +27,8 @@ def run(args) -> int:
 
     if args.max_new_tokens < 1 or args.temperature < 0 or args.top_k < 0:
         raise ConfigError("--max-new-tokens must be >= 1, --temperature and --top-k >= 0")
-    model, tokenizer = load_model(args.model)
-    print(generate_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k,
-                        args.seed))
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    text = generate_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed)
+    if not common.emit_json(args, {"model": args.model, "prompt": args.prompt, "text": text, "seed": args.seed}):
+        print(text)
     return 0

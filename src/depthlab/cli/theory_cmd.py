@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from depthlab.cli import common
 from depthlab.errors import ConfigError
 
 # depthlab.theory's MASKS and NORMS, spelled out so that building the parser does not import torch.
@@ -38,7 +39,7 @@ def register(sub, help_: str) -> None:
     p.add_argument("--norm", default="all", choices=[*NORMS, "all"],
                    help="norm placement: pre, lns (1/sqrt(l+1)), post, or all (default)")
     p.add_argument("--seeds", type=int, default=3, help="independent networks per density (default 3)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    common.add_seed(p, "random seed")
     p.add_argument("--tokens", type=int, default=64, help="tokens per sequence (default 64)")
     p.add_argument("--sigma-w", type=float, default=0.02, help="branch weight std σ_w (default 0.02)")
     p.add_argument("--sigma0", type=float, default=0.02, help="embedding std σ_0 (default 0.02)")
@@ -48,7 +49,7 @@ def register(sub, help_: str) -> None:
     p.add_argument("--jacobian", default="auto", choices=["auto", "exact", "estimate"],
                    help="exact (d probes) or Rademacher estimate; auto = exact when d <= 64")
     p.add_argument("--probes", type=int, default=2, help="Rademacher probes per block (default 2)")
-    p.add_argument("--out", default="theory_out", help="output folder (default ./theory_out)")
+    common.add_out(p, "output folder", default="theory_out")
     p.set_defaults(func=run)
 
 

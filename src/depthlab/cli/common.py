@@ -1,0 +1,110 @@
+"""The arguments every subcommand spells the same way, defined once.
+
+A subcommand adds the ones it needs (``add_model(p)``, ``add_device(p)``, ...); `resolve_machine` then turns the
+parsed ``--device``/``--dtype`` into what this machine has, before any command runs, so that ``--device cuda`` on a
+CPU-only machine or ``--dtype int8`` is a one-line error (exit 2) that writes nothing. Building these arguments
+imports no torch: ``depthlab --help`` and shell completion stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from depthlab.precision import DTYPE_NAMES
+
+MODEL_HELP = ("a depthlab run or checkpoint folder, a Hugging Face model folder or hub id, a .gguf file, or "
+              "'smollm2' (the bundled SmolLM2-135M-Instruct, a Q4_1 GGUF dequantised to fp32)")
+
+
+def add_model(p: argparse.ArgumentParser, *, dest: str = "model") -> None:
+    p.add_argument(dest, metavar="MODEL", help=MODEL_HELP)
+
+
+def add_device(p: argparse.ArgumentParser, *, default: str | None = "auto") -> None:
+    hint = "default: the config's trainer.device" if default is None else f"default {default}: cuda when present"
+    p.add_argument("--device", default=default, metavar="auto|cpu|cuda[:i]", help=f"torch device ({hint})")
+
+
+def add_dtype(p: argparse.ArgumentParser, *, default: str | None = "auto",
+              choices: tuple[str, ...] = DTYPE_NAMES) -> None:
+    hint = ("default: the config's trainer.dtype" if default is None else
+            f"default {default}: bf16 on GPUs and CPUs with native bf16, else fp32")
+    p.add_argument("--dtype", default=default, choices=choices, help=f"compute dtype ({hint})")
+
+
+def add_out(p: argparse.ArgumentParser, help: str, *, default: str | None = None, required: bool = False,
+            metavar: str = "DIR") -> None:
+    shown = f" (default {default})" if default else ""
+    p.add_argument("--out", default=default, required=required, metavar=metavar, help=help + shown)
+
+
+def add_json(p: argparse.ArgumentParser, what: str = "the result") -> None:
+    p.add_argument("--json", dest="json", nargs="?", const="-", default=None, metavar="FILE",
+                   help=f"machine-readable output: {what} as JSON on stdout (instead of the text), or into FILE")
+
+
+def add_seed(p: argparse.ArgumentParser, what: str = "sampling seed", default: int = 0) -> None:
+    p.add_argument("--seed", type=int, default=default, help=f"{what} (default {default})")
+
+
+def add_quiet(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-q", "--quiet", "--no-progress", dest="quiet", action="store_true",
+                   help="no progress bars or progress lines, only the result")
+
+
+def resolve_machine(args: argparse.Namespace) -> None:
+    """``--device auto`` → the device this machine has, ``--dtype auto`` → the dtype that is fast on it (in place).
+
+    A device or dtype this machine cannot use raises a one-line ConfigError before anything is loaded or written.
+    """
+    device, dtype = getattr(args, "device", None), getattr(args, "dtype", None)
+    if device is None and dtype is None:
+        return
+    from depthlab.precision import dtype_name, resolve_device, resolve_dtype
+
+    resolved = resolve_device(device)
+    if device is not None:
+        args.device = str(resolved)
+    if dtype is not None:
+        args.dtype = dtype_name(resolve_dtype(dtype, resolved))
+
+
+def emit_json(args: argparse.Namespace, data: dict) -> bool:
+    """Write `data` where ``--json`` asks (stdout for a bare --json); True when stdout took it (skip the text)."""
+    if args.json is None:
+        return False
+    text = json.dumps(data, indent=1, default=str) + "\n"
+    if args.json == "-":
+        sys.stdout.write(text)
+        return True
+    from pathlib import Path
+
+    from depthlab.fileio import atomic_write_text
+
+    path = Path(args.json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, text)
+    return False
+
+
+def normalize_overrides(argv: list[str]) -> list[str]:
+    """``--model.n_layers 2`` → ``--model.n_layers=2``, so a dotted override's value is never taken for an argument.
+
+    Only options with a dot before any '=' are config overrides (no regular option has one); their value is the next
+    word unless that word is itself an option.
+    """
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            return out + argv[i:]
+        if (arg.startswith("--") and "." in arg and "=" not in arg and i + 1 < len(argv)
+                and not argv[i + 1].startswith("--")):
+            out.append(f"{arg}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(arg)
+        i += 1
+    return out
