@@ -7,7 +7,7 @@ import torch
 import transformers as T
 from torch import nn
 
-from depthlab.analysis.engine import BlockStack
+from depthlab.model.view import ModelView
 
 V = 64
 
@@ -67,7 +67,7 @@ def full_loss(model, ids) -> float:
 
 def with_blocks(model, blocks: list, fn):
     """Run fn() with the model's block list temporarily replaced by `blocks`."""
-    stack = BlockStack(model)
+    stack = ModelView(model)
     original = list(stack.blocks)
     for i, b in enumerate(blocks):
         stack.blocks[i] = b
@@ -80,7 +80,7 @@ def with_blocks(model, blocks: list, fn):
 
 def hidden_states(model, ids) -> list[torch.Tensor]:
     """h_0..h_L from hooks on a full forward (inputs of each block plus the last output)."""
-    stack = BlockStack(model)
+    stack = ModelView(model)
     hs = []
     handles = [b.register_forward_pre_hook(lambda m, a, kw: hs.append((a[0] if a else kw["hidden_states"]).clone()),
                                            with_kwargs=True) for b in stack.blocks]

@@ -17,8 +17,8 @@ from depthlab.analysis import (
     usefulness,
     variance_profile,
 )
-from depthlab.analysis.engine import BlockStack
 from depthlab.analysis.replacement import AffineMap
+from depthlab.model.view import ModelView
 
 from .conftest import FAMILIES, Replace, build, full_loss, hidden_states, with_blocks
 
@@ -40,7 +40,7 @@ def test_usefulness_matches_brute_force_replacement(family, ids):
     L = len(hs) - 1
     for l in range(L):
         W, b = ref_fit(hs[l], hs[l + 1])
-        blocks = list(BlockStack(model).blocks)
+        blocks = list(ModelView(model).blocks)
         blocks[l] = Replace(lambda h, W=W, b=b: (h.double() @ W + b).to(h.dtype))
         ratio = with_blocks(model, blocks, lambda: full_loss(model, ids)) / base
         assert got.loss_ratios[l] == pytest.approx(ratio, rel=1e-4), (family, l)
@@ -63,7 +63,7 @@ def test_linear_map_is_applied_as_x_times_w_not_transposed(ids):
     hs = hidden_states(model, ids)
     W, b = ref_fit(hs[1], hs[2])
     assert (W - W.T).abs().max() > 1e-2
-    blocks = list(BlockStack(model).blocks)
+    blocks = list(ModelView(model).blocks)
     blocks[1] = Replace(lambda h: (h.double() @ W.T + b).to(h.dtype))
     transposed = with_blocks(model, blocks, lambda: full_loss(model, ids)) / full_loss(model, ids)
     assert abs(transposed - got.loss_ratios[1]) > 1e-3
@@ -77,7 +77,7 @@ def test_causal_effects_match_brute_force_skip(family, ids):
     L = len(hs) - 1
     delta = [hs[l + 1] - hs[l] for l in range(L)]
     for s in range(L):
-        blocks = list(BlockStack(model).blocks)
+        blocks = list(ModelView(model).blocks)
         blocks[s] = Replace(lambda h: h)
         hs_skip = with_blocks(model, blocks, lambda: hidden_states(model, ids))
         for l in range(L):
@@ -95,7 +95,7 @@ def test_causal_zero_update_block_is_aligned(ids):
     """A block whose update is zero: skipping it changes nothing downstream (row 1 is exactly zero), and the
     effects of skipping block 0 on blocks 2 are still measured at the right index (defect 2)."""
     model = build("llama")
-    block = BlockStack(model).blocks[1]
+    block = ModelView(model).blocks[1]
     with torch.no_grad():
         block.self_attn.o_proj.weight.zero_()
         block.mlp.down_proj.weight.zero_()
@@ -112,7 +112,7 @@ def test_permutation_matches_brute_force_swap(family, ids):
     base = full_loss(model, ids)
     assert got.pairs == [list(p) for p in itertools.combinations(range(3), 2)]
     for (a, b), score in zip(got.pairs, got.scores):
-        blocks = list(BlockStack(model).blocks)
+        blocks = list(ModelView(model).blocks)
         blocks[a], blocks[b] = blocks[b], blocks[a]
         swapped = with_blocks(model, blocks, lambda: full_loss(model, ids))
         assert score == pytest.approx(abs(swapped - base) / base, rel=1e-4, abs=1e-7)
@@ -176,7 +176,7 @@ def test_results_do_not_depend_on_micro_batch_size(ids):
 def test_moe_stats_match_router_and_dropped_branch_reference(ids):
     model = build("mixtral")
     got = moe_stats(model, ids, micro_batch_size=3)
-    stack = BlockStack(model)
+    stack = ModelView(model)
     counts = torch.zeros(3, 4)
 
     def count(layer):

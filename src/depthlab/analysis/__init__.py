@@ -13,7 +13,7 @@ from depthlab.lazy import lazy_getattr
 
 _EXPORTS = {
     "Engine": "depthlab.analysis.engine",
-    "BlockStack": "depthlab.analysis.engine",
+    "ModelView": "depthlab.model.view",
     "Drop": "depthlab.analysis.engine",
     "variance_profile": "depthlab.analysis.profiles",
     "angular_distance": "depthlab.analysis.profiles",

@@ -4,21 +4,23 @@ Every metric in depthlab.analysis is written against three operations (SPEC §1)
 
 * ``Engine.baselines()`` streams micro-batches of the intact run. Each ``Baseline`` holds the residual stream
   ``h_0..h_L`` (block inputs and the last block's output, captured with hooks on the block modules — never HF
-  ``output_hidden_states``), the per-token next-token NLL, optionally each block's branch outputs, and the exact
-  arguments every block received (position embeddings, masks), so any block can be re-run in isolation.
+  ``output_hidden_states``), the per-token next-token NLL, optionally each block's branch outputs (the tensors
+  added to the stream, after any post-sub-layer norm), and the exact arguments every block received (position
+  embeddings, masks), so any block can be re-run in isolation.
 * ``Engine.resume(base, start, h, plan)`` runs positions ``start..L-1`` from a stream ``h`` with overrides: skip a
   block, replace it by a function, run another block's weights at a position (swap), drop a sub-layer. Position
-  metadata (RoPE tables, masks) belongs to the *position*, so swapped or skipped blocks never shift it.
+  metadata (RoPE tables, masks, LayerNorm-Scaling factor, norm placement, layer index) belongs to the *position*:
+  a swap moves only the block's weights (``ModelView.run``), so swapped or skipped blocks never shift it.
 * ``Engine.token_nll(h_L, ids)`` applies the final norm and LM head in row chunks.
 
-The model family is found structurally (block list, final norm, LM head); a one-time check that our own
-``final(h_L)`` reproduces the model's logits guards against families with extra output logic.
+Everything structural (block list, final norm, LM head, branches, positions) comes from
+`depthlab.model.view.ModelView`, ``Engine.stack``; a one-time check that our own ``final(h_L)`` reproduces the
+model's logits guards against families with extra output logic.
 Baselines are kept in memory while they fit ``cache_budget_mb`` and recomputed otherwise, so memory stays bounded.
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -26,105 +28,13 @@ import torch
 from torch import nn
 
 from depthlab.errors import AnalysisError
+from depthlab.model.view import ModelView
 
-# Where block stacks, final norms and branches live, in the order they are tried.
-BLOCK_PATHS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers", "transformer.blocks",
-               "blocks")
-FINAL_NORM_PATHS = ("model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm", "model.decoder.final_layer_norm",
-                    "transformer.norm_f", "norm")
-ATTN_NAMES = ("self_attn", "attn", "attention")
-FFN_NAMES = ("mlp", "ffn", "block_sparse_moe", "feed_forward")
-ROUTER_NAMES = ("router", "gate")
-# Families whose branch output is normalised after the sub-layer, before it is added to the stream.
-BRANCH_OVERRIDES = {"olmo2": {"attn": "post_attention_layernorm", "ffn": "post_feedforward_layernorm"},
-                    "olmo3": {"attn": "post_attention_layernorm", "ffn": "post_feedforward_layernorm"}}
 HEAD_CHUNK_TOKENS = 2048
-
-
-def _get(module: nn.Module, path: str) -> nn.Module | None:
-    try:
-        return module.get_submodule(path)
-    except AttributeError:
-        return None
 
 
 def _first_tensor(out):
     return out[0] if isinstance(out, tuple | list) else out
-
-
-def is_causal_lm(model: nn.Module) -> bool:
-    """True for depthlab's Transformer and for Hugging Face causal-LM classes."""
-    if type(model).__module__.startswith("depthlab."):
-        return True
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    names = set()
-    for value in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
-        names.update(value if isinstance(value, tuple | list) else (value,))
-    return type(model).__name__ in names
-
-
-class BlockStack:
-    """Structural view of a causal LM: its blocks, final norm, LM head, branches and routers."""
-
-    def __init__(self, model: nn.Module):
-        if not isinstance(model, nn.Module):
-            raise AnalysisError(f"expected a torch model, got {type(model).__name__}")
-        if not is_causal_lm(model):
-            raise AnalysisError(f"{type(model).__name__} is not a causal language model (depthlab analyses "
-                                "decoder-only LMs loaded with AutoModelForCausalLM or depthlab.load_model)")
-        self.model = model
-        self.model_type = getattr(getattr(model, "config", None), "model_type", None) or "depthlab"
-        self.is_hf = not type(model).__module__.startswith("depthlab.")
-        how_to = ("add its block path to BLOCK_PATHS / FINAL_NORM_PATHS in depthlab/analysis/engine.py")
-        self.blocks = next((m for p in BLOCK_PATHS if isinstance(m := _get(model, p), nn.ModuleList)), None)
-        if self.blocks is None or len(self.blocks) == 0:
-            raise AnalysisError(f"cannot locate the transformer blocks of {type(model).__name__} "
-                                f"(model_type {self.model_type!r}); to support it, {how_to}")
-        self.final_norm = next((m for p in FINAL_NORM_PATHS if (m := _get(model, p)) is not None), None)
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        self.head = head if head is not None else _get(model, "lm_head")
-        if self.final_norm is None or self.head is None:
-            raise AnalysisError(f"cannot locate the final norm / LM head of {type(model).__name__}; to support "
-                                f"it, {how_to}")
-        self.n_layers = len(self.blocks)
-        self.d_model = self.head.weight.shape[1]
-        self.vocab_size = self.head.weight.shape[0]
-        self.context = self._context_length()
-        params = inspect.signature(model.forward).parameters
-        self.forward_kwargs = {"use_cache": False} if "use_cache" in params else {}
-
-    def _context_length(self) -> int | None:
-        cfg = getattr(self.model, "config", None)
-        for key in ("max_position_embeddings", "n_positions", "seq_len", "n_ctx"):
-            if isinstance(value := getattr(cfg, key, None), int) and value > 0:
-                return value
-        return None
-
-    def branch(self, layer: int, name: str) -> nn.Module | None:
-        """The sub-module whose output is the `name` ("attn" | "ffn") branch added to the stream."""
-        block = self.blocks[layer]
-        override = BRANCH_OVERRIDES.get(self.model_type, {}).get(name)
-        if override is not None:
-            return _get(block, override)
-        names = ATTN_NAMES if name == "attn" else FFN_NAMES
-        return next((m for n in names if (m := _get(block, n)) is not None), None)
-
-    def router(self, layer: int) -> nn.Module | None:
-        ffn = self.branch(layer, "ffn")
-        if ffn is None:
-            return None
-        return next((m for n in ROUTER_NAMES if (m := _get(ffn, n)) is not None), None)
-
-    def moe_top_k(self) -> int | None:
-        cfg = getattr(self.model, "config", None)
-        moe = getattr(cfg, "moe", None)
-        if moe is not None and getattr(moe, "num_experts", 0):
-            return moe.top_k
-        return getattr(cfg, "num_experts_per_tok", None)
-
-    def final(self, h: torch.Tensor) -> torch.Tensor:
-        return self.head(self.final_norm(h))
 
 
 @dataclass
@@ -141,10 +51,10 @@ class Baseline:
     nll: torch.Tensor
     """Per-token next-token NLL [B, T-1] in fp32."""
     branches: dict[str, list[torch.Tensor]] = field(default_factory=dict)
-    """Optional branch outputs per layer ("attn", "ffn")."""
+    """Optional branch outputs per layer ("attn", "ffn"), as added to the stream; None where unavailable."""
 
     def nbytes(self) -> int:
-        tensors = [*self.hs, self.nll, *(t for v in self.branches.values() for t in v)]
+        tensors = [*self.hs, self.nll, *(t for v in self.branches.values() for t in v if t is not None)]
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -164,7 +74,8 @@ class Engine:
 
     def __init__(self, model: nn.Module, input_ids: torch.Tensor, *, micro_batch_size: int = 8,
                  cache_budget_mb: float = 2048.0):
-        self.stack = BlockStack(model)
+        self.stack = ModelView(model)
+        """The structural view of the model (blocks, head, branches, positions)."""
         self.model = model.eval()
         self.input_ids = validate_ids(input_ids, self.stack)
         if micro_batch_size < 1:
@@ -208,6 +119,8 @@ class Engine:
         hs: list = [None] * (L + 1)
         calls: list = [None] * L
         outs: dict[str, list] = {"attn": [None] * L, "ffn": [None] * L} if branches else {}
+        # Located before any hook is set: the first lookup runs the view's probe forward.
+        located = {name: [stack.branch(layer, name) for layer in range(L)] for name in outs}
         verify = not self._verified
 
         def pre_hook(layer):
@@ -223,20 +136,19 @@ class Engine:
             if not verify:
                 raise _Stop
 
-        def branch_hook(name, layer):
+        def branch_hook(name, layer, scale):
             def hook(module, args, out):
-                outs[name][layer] = _first_tensor(out).detach()
+                # A copy: some families add into a branch output in place (Falcon's parallel mlp_output += attn).
+                y = _first_tensor(out).detach()
+                outs[name][layer] = y.clone() if scale == 1.0 else y * scale
             return hook
 
         handles = [b.register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i, b in enumerate(stack.blocks)]
         handles.append(stack.blocks[-1].register_forward_hook(post_hook, with_kwargs=True))
-        for name in outs:
-            for layer in range(L):
-                module = stack.branch(layer, name)
-                if module is None:
-                    raise AnalysisError(f"cannot locate the {name} branch of block {layer} "
-                                        f"({type(stack.blocks[layer]).__name__})")
-                handles.append(module.register_forward_hook(branch_hook(name, layer)))
+        for name, found in located.items():
+            for layer, branch in enumerate(found):
+                if branch is not None:  # unavailable branches stay None (see ModelView.branch_unavailable)
+                    handles.append(branch.module.register_forward_hook(branch_hook(name, layer, branch.scale)))
         try:
             out = self.model(ids, **stack.forward_kwargs)
         except _Stop:
@@ -266,17 +178,18 @@ class Engine:
     # ---------------------------------------------------------------------------------------------------------- #
     def run_block(self, base: Baseline, position: int, h: torch.Tensor, *, block: int | None = None,
                   drop: str | None = None) -> torch.Tensor:
-        """Run block `block` (default: the one at `position`) at `position` with that position's metadata."""
-        module = self.stack.blocks[position if block is None else block]
+        """Run block `block`'s weights (default: the one at `position`) at `position` with that position's metadata
+        (call arguments, LNS factor, norm placement, layer index: see `ModelView.run`)."""
         args, kwargs = base.calls[position]
         if drop is None:
-            return _first_tensor(module(h, *args, **kwargs))
-        branch = self.stack.branch(position if block is None else block, drop)
+            return _first_tensor(self.stack.run(position, h, args, kwargs, block=block))
+        branch = self.stack.branch(position, drop)
         if branch is None:
-            raise AnalysisError(f"block {position} has no {drop} branch to drop")
-        handle = branch.register_forward_hook(lambda m, a, out: _zeros_like_output(out))
+            raise AnalysisError(f"cannot drop the {drop} branch of block {position}: "
+                                f"{self.stack.branch_unavailable(position)}")
+        handle = branch.module.register_forward_hook(lambda m, a, out: _zeros_like_output(out))
         try:
-            return _first_tensor(module(h, *args, **kwargs))
+            return _first_tensor(self.stack.run(position, h, args, kwargs, block=block))
         finally:
             handle.remove()
 
@@ -325,7 +238,7 @@ def _zeros_like_output(out):
     return torch.zeros_like(out)
 
 
-def validate_ids(input_ids, stack: BlockStack) -> torch.Tensor:
+def validate_ids(input_ids, stack: ModelView) -> torch.Tensor:
     """Check a token sample: LongTensor [N, T], T >= 2, within the context and the vocabulary."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise AnalysisError("input_ids must be a 2-D tensor [num_sequences, seq_len]")

@@ -45,7 +45,7 @@ def moe_stats(model, input_ids, *, micro_batch_size: int = 8, cache_budget_mb: f
     routers = [eng.stack.router(l) for l in range(L)]
     if any(r is None for r in routers):
         raise AnalysisError(f"{type(model).__name__} has no MoE router in every block; moe_stats needs an MoE model")
-    top_k = eng.stack.moe_top_k()
+    top_k = eng.stack.top_k
     seen: dict = {}
 
     def hook(layer):

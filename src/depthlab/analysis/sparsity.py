@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from depthlab.analysis.engine import BlockStack, validate_ids
+from depthlab.analysis.engine import validate_ids
 from depthlab.analysis.results import Result
 from depthlab.errors import AnalysisError
+from depthlab.model.view import ModelView
 
 HIST_EDGES = [0.0, *(10.0**e for e in range(-8, 2))]  # |w| bins: [0,1e-8), [1e-8,1e-7), ..., [1, 10), open above
 
@@ -50,7 +51,7 @@ def weight_sparsity(model, input_ids=None, *, rel_eps=(1e-3, 1e-2), abs_eps: flo
 
     `input_ids` is accepted for a uniform metric signature and not used: this reads the weights only.
     """
-    stack = BlockStack(model)
+    stack = ModelView(model)
     rows, per_layer = [], []
     edges = torch.tensor(HIST_EDGES + [math.inf], dtype=torch.float64)
     for l, block in enumerate(tqdm(stack.blocks, desc="weight sparsity", disable=not progress, leave=False)):
@@ -128,7 +129,7 @@ def _observe_sdpa(on_probs):
 
 def attention_sparsity(model, input_ids, *, micro_batch_size: int = 8, progress: bool = False) -> AttentionSparsity:
     """Attention entropy, normalised entropy, effective support and top-k mass per layer and head (SPEC §5.7)."""
-    stack = BlockStack(model)
+    stack = ModelView(model)
     ids_all = validate_ids(input_ids, stack)
     model.eval()
     L = stack.n_layers

@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from depthlab.errors import EvalError
+from depthlab.model.view import CONTEXT_KEYS, ModelView
 
 
 @dataclass(frozen=True)
@@ -41,15 +42,13 @@ class Score:
 
 
 def context_length(model) -> int:
-    """The longest sequence the model accepts, from its config (Hugging Face or depthlab names)."""
-    config = getattr(model, "config", None)
-    for name in ("max_position_embeddings", "n_positions", "seq_len", "max_seq_len"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    raise EvalError(f"cannot tell the context length of {type(model).__name__}: its config has none of "
-                    "max_position_embeddings, n_positions, seq_len; pass the length explicitly "
-                    "(max_length= to score, context_length= for perplexity)")
+    """The longest sequence the model accepts (`ModelView.context`: Hugging Face or depthlab config keys)."""
+    value = ModelView(model).context
+    if value is None:
+        raise EvalError(f"cannot tell the context length of {type(model).__name__}: its config has none of "
+                        f"{', '.join(CONTEXT_KEYS)}; pass the length explicitly (max_length= to score, "
+                        "context_length= for perplexity)")
+    return value
 
 
 def model_device(model) -> torch.device:

@@ -41,6 +41,7 @@ from depthlab.data import calibration_sample
 from depthlab.data.calibration import token_sha256
 from depthlab.errors import AnalysisError
 from depthlab.fileio import atomic_write_text
+from depthlab.model.view import ModelView
 from depthlab.tools.recipe import CONTEXT, GQA_GROUP, WEIGHT_DECAY
 
 NEAR_IDENTITY_JACOBIAN = 0.25
@@ -169,20 +170,10 @@ def growth_fits(out_var: list[float]) -> dict:
             "better": "exponential" if r2_exp > r2_lin else "linear (sub-exponential)"}
 
 
-def model_shape(model) -> dict:
-    """Heads, KV heads, MoE experts and context window from a depthlab or Hugging Face config."""
-    cfg = model.config
-    if hasattr(cfg, "kv_heads"):  # depthlab ModelConfig
-        experts = cfg.moe.num_experts or None
-        return {"n_heads": cfg.n_heads, "n_kv_heads": cfg.kv_heads, "num_experts": experts,
-                "top_k": cfg.moe.top_k if experts else None, "context": cfg.seq_len}
-    heads = getattr(cfg, "num_attention_heads", None)
-    experts = next((v for k in ("num_local_experts", "num_experts", "n_routed_experts")
-                    if isinstance(v := getattr(cfg, k, None), int) and v > 0), None)
-    return {"n_heads": heads, "n_kv_heads": getattr(cfg, "num_key_value_heads", None) or heads,
-            "num_experts": experts, "top_k": getattr(cfg, "num_experts_per_tok", None) if experts else None,
-            "context": next((v for k in ("max_position_embeddings", "n_positions")
-                             if isinstance(v := getattr(cfg, k, None), int)), None)}
+def model_shape(view: ModelView) -> dict:
+    """Heads, KV heads, MoE experts and context window, as the model's view reads them."""
+    return {"n_heads": view.n_heads, "n_kv_heads": view.n_kv_heads, "num_experts": view.num_experts,
+            "top_k": view.top_k, "context": view.context}
 
 
 def training_weight_decay(model) -> float | None:
@@ -280,7 +271,7 @@ def diagnose(model, tokenizer=None, input_ids: torch.Tensor | None = None, *, nu
         if reasons:
             near.append({"layer": l, "angular_distance": ang.angular_distance[l], "jacobian_rel": rel,
                          "reasons": reasons})
-    shape = model_shape(model)
+    shape = model_shape(engine.stack)
     sizes = torch.tensor([m["size"] for m in ws.matrices], dtype=torch.float64)
     frac = torch.tensor([m["frac_below_rel_0.001"] for m in ws.matrices], dtype=torch.float64)
     hoy = torch.tensor([m["hoyer"] for m in ws.matrices], dtype=torch.float64)

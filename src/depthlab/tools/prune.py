@@ -32,9 +32,9 @@ import torch
 from torch import nn
 
 from depthlab.analysis import angular_distance, usefulness
-from depthlab.analysis.engine import BlockStack
 from depthlab.errors import DepthlabError
 from depthlab.fileio import atomic_write_text
+from depthlab.model.view import ModelView
 
 PER_LAYER_CONFIG = ("layer_types", "no_rope_layers")
 """Hugging Face config lists with one entry per layer, subset along with the blocks."""
@@ -84,7 +84,7 @@ def _checked(dropped: list[int], n_layers: int) -> list[int]:
 def select_blocks(model, drop, *, input_ids: torch.Tensor | None = None, n: int | None = None,
                   method: str = "usefulness", progress: bool = False) -> Selection:
     """Resolve `drop` ("auto", a list string like "3,5-7", or a list of ints) to the blocks to remove."""
-    L = BlockStack(model).n_layers
+    L = ModelView(model).n_layers
     if drop != "auto":
         if isinstance(drop, str):
             return Selection(parse_blocks(drop, L), "list")
@@ -110,15 +110,16 @@ def prune(model, drop, *, input_ids: torch.Tensor | None = None, n: int | None =
     The original model is left untouched. Works for depthlab Transformers and Hugging Face causal LMs.
     """
     selection = select_blocks(model, drop, input_ids=input_ids, n=n, method=method, progress=progress)
-    kept = [l for l in range(BlockStack(model).n_layers) if l not in selection.dropped]
-    if type(model).__module__.startswith("depthlab."):
+    view = ModelView(model)
+    kept = [l for l in range(view.n_layers) if l not in selection.dropped]
+    if view.native:
         return _prune_depthlab(model, kept), selection
     return _prune_hf(model, kept), selection
 
 
 def _prune_hf(model: nn.Module, kept: list[int]) -> nn.Module:
     pruned = copy.deepcopy(model)
-    blocks = BlockStack(pruned).blocks
+    blocks = ModelView(pruned).blocks
     L = len(blocks)
     survivors = [blocks[i] for i in kept]
     for i in reversed(range(L)):
@@ -190,7 +191,7 @@ def save_pruned(model: nn.Module, tokenizer, out: str | Path, source_config: dic
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    if type(model).__module__.startswith("depthlab."):
+    if ModelView(model).native:
         from depthlab.model.hf import export_hf, exportable
 
         if exportable(model.config) is None:
@@ -286,7 +287,7 @@ def prune_model(model: str | Path, drop, out: str | Path, *, n: int | None = Non
 
         source_config = cfgmod.read_yaml(Path(net.checkpoint_path).parent.parent / "config.yaml")
     kind = save_pruned(pruned, tokenizer, out, source_config)
-    L = BlockStack(net).n_layers
+    L = ModelView(net).n_layers
     report = {"model": str(model), "n_layers_before": L, "n_layers_after": L - len(selection.dropped),
               "dropped": selection.dropped, "kept": [l for l in range(L) if l not in selection.dropped],
               "method": selection.method, "selection_scores": selection.scores, "saved_as": kind, "out": str(out),
