@@ -15,7 +15,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from depthlab.errors import CheckpointError
-from depthlab.fileio import dumps_json, fsync_dir, os_error_reason
+from depthlab.fileio import dumps_json, fsync_dir, os_error_reason, unique_sibling
 
 FORMAT = "depthlab-checkpoint-v1"
 MODEL_FILE, STATE_FILE, META_FILE = "model.safetensors", "trainer_state.pt", "meta.json"
@@ -101,8 +100,8 @@ def save_checkpoint(ckpt_dir: Path, step: int, weights: dict[str, torch.Tensor],
 def _delete(checkpoint: Path) -> None:
     """Remove a checkpoint so that it is never half-listed: rename it to a name `list_checkpoints` ignores, then
     delete. A kill in between leaves a hidden folder, not a damaged checkpoint."""
-    doomed = Path(tempfile.mkdtemp(dir=checkpoint.parent, prefix=f".{checkpoint.name}.", suffix=".deleting"))
-    os.replace(checkpoint, doomed)
+    doomed = unique_sibling(checkpoint, ".deleting")
+    os.rename(checkpoint, doomed)
     shutil.rmtree(doomed, ignore_errors=True)
 
 

@@ -20,6 +20,7 @@ import errno
 import json
 import math
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable
@@ -27,6 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from depthlab.errors import FileSystemError
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)  # read once: temporary files and folders get the permissions a plain open/mkdir would give
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
@@ -42,6 +46,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
@@ -110,25 +115,24 @@ def check_out(path: str | Path, flag: str = "--out", *, folder: bool = True) -> 
     resolved = Path(os.path.realpath(path))
     if resolved == Path(resolved.anchor):
         raise FileSystemError(f"{flag} {path} is the filesystem root: name a folder to write into")
-    if path.is_symlink() and not path.exists():
-        raise FileSystemError(f"{flag} {path} is a dangling symbolic link")
-    if folder and path.exists() and not path.is_dir():
-        raise FileSystemError(f"{flag} {path} is a file, not a folder")
-    if not folder and path.is_dir():
-        raise FileSystemError(f"{flag} {path} is a folder, not a file")
-    existing = resolved
-    while not existing.exists():
-        existing = existing.parent
+    for part in resolved.parts:
+        if len(os.fsencode(part)) > 255:  # NAME_MAX of every common filesystem; longer names fail in stat already
+            raise FileSystemError(f"cannot write {path}: file name too long ({len(os.fsencode(part))} bytes, the "
+                                  "limit is 255)")
+    try:
+        if path.is_symlink() and not path.exists():
+            raise FileSystemError(f"{flag} {path} is a dangling symbolic link")
+        if folder and path.exists() and not path.is_dir():
+            raise FileSystemError(f"{flag} {path} is a file, not a folder")
+        if not folder and path.is_dir():
+            raise FileSystemError(f"{flag} {path} is a folder, not a file")
+        existing = resolved
+        while not existing.exists():
+            existing = existing.parent
+    except OSError as e:
+        raise FileSystemError(f"cannot write {path}: {os_error_reason(e)}") from None
     if not existing.is_dir():
         raise FileSystemError(f"cannot write {path}: {existing} is a file, not a folder")
-    try:
-        name_max = os.pathconf(existing, "PC_NAME_MAX")
-    except (OSError, ValueError):
-        name_max = 255
-    for part in resolved.relative_to(existing).parts:
-        if len(os.fsencode(part)) > name_max:
-            raise FileSystemError(f"cannot write {path}: file name too long ({len(os.fsencode(part))} bytes, "
-                                  f"the limit is {name_max})")
     target = resolved if resolved.exists() else existing
     if not os.access(target, os.W_OK | os.X_OK if target.is_dir() else os.W_OK):
         why = "read-only file system" if _read_only(target) else "permission denied"
@@ -148,13 +152,28 @@ def check_replaceable(out: str | Path, protect: Iterable[str | Path] = (), flag:
     folder, the current folder or an ancestor of either, or a folder that is (or holds) a protected input path."""
     target = Path(os.path.realpath(Path(out).expanduser()))
     guarded = [(Path.home(), "the home folder"), (Path.cwd(), "the current folder")]
-    guarded += [(Path(p).expanduser(), f"the input {p}") for p in protect]
     for path, what in guarded:
         path = Path(os.path.realpath(path))
         if target == path or target in path.parents:
-            inside = "" if target == path else f", which holds {what}"
-            raise FileSystemError(f"refusing to replace {flag} {out}: it is {what if not inside else 'a folder'}"
-                                  f"{inside}")
+            raise FileSystemError(f"refusing to replace {flag} {out}: it is {what}" if target == path else
+                                  f"refusing to replace {flag} {out}: it holds {what}")
+    for p in protect:  # the input: neither it, a folder holding it, nor a part of it
+        path = Path(os.path.realpath(Path(p).expanduser()))
+        if target == path or target in path.parents or path in target.parents:
+            raise FileSystemError(f"refusing to replace {flag} {out}: it is, holds or is inside the input {p}")
+
+
+def check_folder_target(out: str | Path, *, overwrite: bool = False, protect: Iterable[str | Path] = (),
+                        flag: str = "--out") -> Path:
+    """The checks of `write_folder`, for callers that want to fail before doing the work: `out` can be created, and
+    is new or empty unless `overwrite` allows replacing it (`check_replaceable`)."""
+    out = check_out(out, flag)
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise FileSystemError(f"{flag} {out} exists and is not empty: pass --overwrite to replace it, or choose "
+                                  "another folder")
+        check_replaceable(out, protect, flag)
+    return out
 
 
 def write_folder(out: str | Path, write: Callable[[Path], None], *, overwrite: bool = False,
@@ -164,15 +183,11 @@ def write_folder(out: str | Path, write: Callable[[Path], None], *, overwrite: b
     An existing non-empty `out` is replaced only with `overwrite` (and never one that `check_replaceable` guards).
     On any failure the temporary folder is removed and `out` is left as it was.
     """
-    out = check_out(out, flag)
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise FileSystemError(f"{flag} {out} exists and is not empty: pass --overwrite to replace it, or choose "
-                                  "another folder")
-        check_replaceable(out, protect, flag)
+    out = check_folder_target(out, overwrite=overwrite, protect=protect, flag=flag)
     out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = unique_sibling(out, ".tmp")
     try:
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+        tmp.mkdir()
     except OSError as e:
         raise FileSystemError(os_error_message(e, out)) from None
     try:
@@ -190,6 +205,11 @@ def write_folder(out: str | Path, write: Callable[[Path], None], *, overwrite: b
             raise FileSystemError(os_error_message(e, out) + f"; {out} is unchanged") from None
         raise
     return out
+
+
+def unique_sibling(path: Path, suffix: str) -> Path:
+    """A hidden name beside `path` that no user folder has and no other process picks: ``.NAME.PID-RANDOM.SUFFIX``."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}{suffix}")
 
 
 def fsync_dir(path: Path) -> None:
@@ -224,8 +244,18 @@ def _exchange(a: Path, b: Path) -> None:
         code = ctypes.get_errno()
         if code not in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
             raise OSError(code, os.strerror(code), str(b))
-    aside = Path(tempfile.mkdtemp(dir=b.parent, prefix=f".{b.name}.", suffix=".old"))
-    os.rename(b, aside / b.name)
+    aside = unique_sibling(b, ".old")
+    os.rename(b, aside)
     os.rename(a, b)
-    os.rename(aside / b.name, a)
-    aside.rmdir()
+    os.rename(aside, a)
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """A full disk, however the library that hit it reports it (OSError, SafetensorError, torch's RuntimeError)."""
+    return os_error_reason(e).startswith(("no space left", "disk quota"))
+
+
+def describe_os_error(e: OSError) -> str:
+    """One line for an OSError raised anywhere: the path(s) it names and what went wrong."""
+    paths = " → ".join(str(p) for p in (e.filename, e.filename2) if p is not None)
+    return f"{paths}: {os_error_reason(e)}" if paths else os_error_reason(e)

@@ -30,6 +30,7 @@ from typing import Any
 
 from depthlab import checkpoint as ckpt
 from depthlab.errors import FileSystemError
+from depthlab.fileio import check_out
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,7 @@ class RunDir:
         A folder that this call created and that is still empty when the lock is released is removed again, so a
         command that stops on a bad input leaves nothing behind.
         """
+        check_out(self.path)
         created = [p for p in (self.path, *self.path.parents) if not p.exists()]
         try:
             self.path.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,6 @@ exported as something else.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
@@ -106,25 +105,30 @@ def to_hf(model: Transformer):
     return hf.eval()
 
 
-def export_hf(source, out: str | Path, tokenizer=None) -> Path:
-    """Write a standard HF folder (config.json, model.safetensors, tokenizer files) for a run folder or a model."""
+def export_hf(source, out: str | Path, tokenizer=None, *, overwrite: bool = False) -> Path:
+    """Write a standard HF folder (config.json, model.safetensors, tokenizer files) for a run folder or a model.
+
+    `out` must be new or empty unless `overwrite`; it is written beside itself and swapped in atomically, and is
+    never the source run or a folder holding it (`depthlab.fileio.write_folder`).
+    """
+    from depthlab.fileio import check_folder_target, write_folder
     from depthlab.model.io import load_depthlab
 
+    protect = [source] if isinstance(source, (str, Path)) else []
+    check_folder_target(out, overwrite=overwrite, protect=protect)
     if isinstance(source, (str, Path)):
         model, tokenizer = load_depthlab(source)
     else:
         model = source
-    out = Path(out)
     hf = to_hf(model)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    hf.save_pretrained(tmp, safe_serialization=True)
+    return write_folder(out, lambda tmp: save_pretrained(hf, tokenizer, tmp), overwrite=overwrite, protect=protect)
+
+
+def save_pretrained(hf_model, tokenizer, folder: Path) -> None:
+    """A transformers model (safetensors) and its tokenizer into an existing folder."""
+    hf_model.save_pretrained(folder, safe_serialization=True)
     if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
+        tokenizer.save_pretrained(folder)
 
 
 def from_hf(hf_model) -> Transformer:

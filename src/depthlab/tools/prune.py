@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,8 +31,9 @@ from torch import nn
 
 from depthlab.analysis import angular_distance, usefulness
 from depthlab.errors import DepthlabError
-from depthlab.fileio import atomic_write_text
+from depthlab.fileio import check_folder_target, dumps_json, write_folder
 from depthlab.model.view import ModelView
+from depthlab.rundir import RunDir
 
 PER_LAYER_CONFIG = ("layer_types", "no_rope_layers")
 """Hugging Face config lists with one entry per layer, subset along with the blocks."""
@@ -186,28 +185,34 @@ def _prune_depthlab(model: nn.Module, kept: list[int]) -> nn.Module:
     return pruned.eval()
 
 
-def save_pruned(model: nn.Module, tokenizer, out: str | Path, source_config: dict | None = None) -> str:
-    """Save a pruned model to `out` atomically; returns the format written ("hf" or "depthlab")."""
-    out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    if ModelView(model).native:
-        from depthlab.model.hf import export_hf, exportable
+def save_format(model: nn.Module) -> str:
+    """How `save_pruned` saves `model`: "hf" (a standard folder) or "depthlab" (a run folder, for depthlab models
+    without a standard architecture)."""
+    from depthlab.model.hf import exportable
 
-        if exportable(model.config) is None:
-            export_hf(model, tmp, tokenizer)
-            kind = "hf"
+    return "depthlab" if ModelView(model).native and exportable(model.config) is not None else "hf"
+
+
+def save_pruned(model: nn.Module, tokenizer, out: str | Path, source_config: dict | None = None, *,
+                files: dict[str, str] | None = None, overwrite: bool = False, protect=()) -> str:
+    """Save a pruned model (plus text `files`) as one folder `out`, atomically; returns `save_format(model)`.
+
+    `out` must be new or empty unless `overwrite`, and is never a folder holding a `protect` path
+    (`depthlab.fileio.write_folder`).
+    """
+    from depthlab.model.hf import save_pretrained, to_hf
+
+    kind = save_format(model)
+
+    def write(folder: Path) -> None:
+        if kind == "depthlab":
+            _save_depthlab_run(model, tokenizer, folder, source_config)
         else:
-            _save_depthlab_run(model, tokenizer, tmp, source_config)
-            kind = "depthlab"
-    else:
-        model.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        kind = "hf"
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+            save_pretrained(to_hf(model) if ModelView(model).native else model, tokenizer, folder)
+        for name, text in (files or {}).items():
+            (folder / name).write_text(text)
+
+    write_folder(out, write, overwrite=overwrite, protect=protect)
     return kind
 
 
@@ -215,14 +220,14 @@ def _save_depthlab_run(model, tokenizer, folder: Path, source_config: dict | Non
     """A depthlab run folder (config.yaml, tokenizer.json, one checkpoint) that `load_model` opens."""
     import yaml
 
-    from depthlab import config as cfgmod
     from depthlab import checkpoint as ckpt
+    from depthlab import config as cfgmod
 
-    folder.mkdir(parents=True)
+    run = RunDir(folder)
     config = cfgmod.from_dict(source_config) if source_config else cfgmod.Config()
     config.model = model.config
-    (folder / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    ckpt.save_checkpoint(folder / "checkpoints", 0, ckpt.model_state(model), {}, keep_last=1)
+    run.config_path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    ckpt.save_checkpoint(run.checkpoints_dir, 0, ckpt.model_state(model), {}, keep_last=1)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
 
@@ -261,12 +266,13 @@ def _measure(model, tokenizer, eval_ids, tasks, limit) -> dict:
 def prune_model(model: str | Path, drop, out: str | Path, *, n: int | None = None, method: str = "usefulness",
                 tasks: str | None = None, limit: int | None = None, num_samples: int = 8, seq_len: int = 128,
                 eval_samples: int = 8, seed: int = 0, data=None, dtype: str = "auto", device: str = "cpu",
-                progress: bool = False) -> dict:
+                progress: bool = False, overwrite: bool = False) -> dict:
     """What `depthlab prune` does: load, choose, prune, measure before/after, save; returns the report.
 
     Calibration (for drop="auto") and perplexity use disjoint windows of one seeded held-out sample: the first
     `num_samples` windows choose the blocks, the next `eval_samples` measure perplexity. `tasks` (comma list)
-    adds zero-shot accuracy on the first `limit` examples of each task. Writes `out/prune_report.json`.
+    adds zero-shot accuracy on the first `limit` examples of each task. Writes `out/prune_report.json`. `out` must be
+    new or empty unless `overwrite` (checked before any work), and is never the source model's folder.
     """
     from depthlab.data import calibration_sample
     from depthlab.loading import load_model
@@ -274,6 +280,8 @@ def prune_model(model: str | Path, drop, out: str | Path, *, n: int | None = Non
 
     if eval_samples < 1:
         raise PruneError(f"eval_samples must be >= 1, got {eval_samples}")
+    protect = [model] if Path(str(model)).exists() else []
+    check_folder_target(out, overwrite=overwrite, protect=protect)
     net, tokenizer = load_model(model, device=device, dtype=resolve_dtype(dtype, device))
     ids, sample = calibration_sample(tokenizer, text=data, num_samples=num_samples + eval_samples, seq_len=seq_len,
                                      seed=seed)
@@ -281,19 +289,16 @@ def prune_model(model: str | Path, drop, out: str | Path, *, n: int | None = Non
     pruned, selection = prune(net, drop, input_ids=calib, n=n, method=method, progress=progress)
     before = _measure(net, tokenizer, eval_ids, tasks, limit)
     after = _measure(pruned, tokenizer, eval_ids, tasks, limit)
-    source_config = None
-    if getattr(net, "checkpoint_path", None):
-        from depthlab import config as cfgmod
-
-        source_config = cfgmod.read_yaml(Path(net.checkpoint_path).parent.parent / "config.yaml")
-    kind = save_pruned(pruned, tokenizer, out, source_config)
+    source_config = RunDir.of(net.checkpoint_path).read_config() if getattr(net, "checkpoint_path", None) else None
+    kind = save_format(pruned)
     L = ModelView(net).n_layers
     report = {"model": str(model), "n_layers_before": L, "n_layers_after": L - len(selection.dropped),
               "dropped": selection.dropped, "kept": [l for l in range(L) if l not in selection.dropped],
               "method": selection.method, "selection_scores": selection.scores, "saved_as": kind, "out": str(out),
               "sample": {**sample, "calibration_windows": num_samples, "eval_windows": eval_samples},
               "before": before, "after": after}
-    atomic_write_text(Path(out) / "prune_report.json", json.dumps(report, indent=1) + "\n")
+    save_pruned(pruned, tokenizer, out, source_config, files={"prune_report.json": dumps_json(report, indent=1) + "\n"},
+                overwrite=overwrite, protect=protect)
     return report
 
 

@@ -7,6 +7,7 @@ exactly as if never interrupted: same loss curve, same final weights (on CPU).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -21,14 +22,17 @@ from depthlab import __version__
 from depthlab import checkpoint as ckpt
 from depthlab import config as cfgmod
 from depthlab.config import Config
-from depthlab.errors import CheckpointError, ConfigError, TrainingError
-from depthlab.fileio import atomic_write_text
+from depthlab.errors import CheckpointError, ConfigError, Interrupted, TrainingError
+from depthlab.fileio import atomic_write_text, dumps_json
 from depthlab.model.moe import batch_routing
 from depthlab.model.params import param_counts
 from depthlab.model.transformer import Transformer
 from depthlab.precision import resolve_dtype
+from depthlab.rundir import RunDir
+from depthlab.signals import deferred_stop
 from depthlab.train import sparsity
 from depthlab.train.distributed import Dist
+from depthlab.train.memory import check_fits
 from depthlab.train.optim import build_optimizer, lr_at
 from depthlab.train.stats import LayerStats, block_norms
 
@@ -63,7 +67,7 @@ class JsonlLog:
 
     def write(self, record: dict) -> None:
         if self.enabled:
-            self._f.write(json.dumps(record) + "\n")
+            self._f.write(dumps_json(record) + "\n")
             self._f.flush()
 
     def close(self) -> None:
@@ -111,15 +115,20 @@ def _check_resume(run_dir: Path, cfg: Config) -> None:
 
 
 def train(cfg: Config, out: str | Path, resume: bool = False) -> TrainResult:
-    """Train `cfg` into run folder `out`; with `resume`, continue from its latest valid checkpoint."""
+    """Train `cfg` into run folder `out`; with `resume`, continue from its latest valid checkpoint.
+
+    The run folder is locked for the whole call (a second writer is refused). Ctrl-C or SIGTERM stops after the
+    current step with a checkpoint saved, raising `Interrupted`.
+    """
     dist = Dist.from_env()
     try:
-        return _train(cfg, Path(out), resume, dist)
+        with RunDir(out).lock("train") if dist.is_main else contextlib.nullcontext(), deferred_stop() as stop:
+            return _train(cfg, Path(out), resume, dist, stop)
     finally:
         dist.close()
 
 
-def _train(cfg: Config, run_dir: Path, resume: bool, dist: Dist) -> TrainResult:
+def _train(cfg: Config, run_dir: Path, resume: bool, dist: Dist, stop) -> TrainResult:
     t = cfg.trainer
     dataset = _resolve_data(cfg)
     cfgmod.validate(cfg)
@@ -150,6 +159,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: Dist) -> TrainResult:
     elif ckpt.list_checkpoints(ckpt_dir) or (run_dir / "metrics.jsonl").exists():
         raise ConfigError(f"{run_dir} already holds a run: pass --resume to continue it or choose another --out")
 
+    check_fits(cfg, micro, device)
     torch.manual_seed(t.seed)
     model = Transformer(cfg.model).to(device)
     if state is not None:
@@ -251,17 +261,24 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: Dist) -> TrainResult:
             for w in writers:
                 w(record, step)
             bar.write(f"step {step}: val loss {val_loss:.4f} (ppl {record['val_ppl']:.2f})") if dist.is_main else None
-        if (t.save_interval and step % t.save_interval == 0) or step == t.max_steps:
+        stopping = bool(stop) if not dist.enabled else dist.mean(torch.tensor(float(bool(stop)), device=device)).item() > 0
+        if (t.save_interval and step % t.save_interval == 0) or step == t.max_steps or stopping:
             weights, optim_state = dist.full_state(model, optimizer)  # collective under FSDP
             if dist.is_main:
-                ckpt.save_checkpoint(ckpt_dir, step, weights, {
+                saved = ckpt.save_checkpoint(ckpt_dir, step, weights, {
                     "step": step, "optimizer": optim_state, "rng_cpu": torch.get_rng_state(),
                     "version": __version__}, keep_last=t.keep_last)
             dist.barrier()
+        if stopping and step < t.max_steps:
+            bar.close()
+            raise Interrupted(f"stopped by {stop.signal or 'another rank'} after step {step} of {t.max_steps}"
+                              + (f"; checkpoint {saved} saved" if dist.is_main else ""))
     bar.close()
     metrics.close()
     stats_log.close()
-    if dist.is_main:
+    if dist.is_main and step == start_step:
+        print(f"done: {run_dir} was already at step {step} (trainer.max_steps); nothing to train")
+    elif dist.is_main:
         print(f"done: {run_dir} (step {step}, train loss {loss_value:.4f}"
               f"{f', val loss {val_loss:.4f}' if val_loss is not None else ''})")
     return TrainResult(run_dir, step, loss_value, val_loss, step * tokens_per_step)
