@@ -22,6 +22,7 @@ def test_aggregate_means_seeds_and_matches_paper_rows(study):
     assert set(rows) == {"L12", EVIL}  # the failed run is not in the table
     m = rows["L12"]["metrics"]
     assert m["ppl"]["mean"] == pytest.approx(21.0) and m["ppl"]["std"] == pytest.approx(statistics.stdev([20, 22]))
+    assert m["ppl"]["half"] == pytest.approx(12.706205 * 1.0)  # t(0.975, 1) · s / √2 with s = √2
     assert m["usefulness"]["mean"] == pytest.approx(0.625)
     assert m["usefulness"]["std"] == pytest.approx(statistics.stdev([0.5, 0.75]))
     assert m["causal"]["mean"] == pytest.approx(0.32) and m["permutation"]["mean"] == pytest.approx(0.25)
@@ -30,11 +31,11 @@ def test_aggregate_means_seeds_and_matches_paper_rows(study):
     assert rows["L12"]["var_curves"] == [[1.0, 8.0], [1.0, 10.0]] and rows["L12"]["var_steps"] == [10, 20]
     assert rows["L12"]["paper"] == {"causal": 0.355, "permutation": 0.985, "usefulness": 1.0, "last_var": 400}
     evil = rows[EVIL]["metrics"]
-    assert evil["ppl"] == {"mean": 50.0, "std": None, "n": 1}  # no eval: the training run's val PPL
+    assert evil["ppl"] == {"mean": 50.0, "std": None, "half": None, "n": 1}  # no eval: the training run's val PPL
     assert "usefulness" not in evil and rows[EVIL]["paper"] == {}  # L=3 is no paper row
     header, body = table(agg)
-    assert header[:4] == ["setting", "seeds", "PPL", "usefulness"] and "paper usefulness" in header
-    assert body[0][:4] == ["L12", "2", "21.00 ± 1.41", "0.625 ± 0.177"]
+    assert header[:5] == ["setting", "seeds", "val loss", "PPL", "usefulness"] and "paper usefulness" in header
+    assert body[0][:5] == ["L12", "2", "3.433 ± 0.410", "21.00 ± 12.71", "0.625 ± 1.588"]
     assert body[1][header.index("usefulness")] == "—" and body[1][header.index("paper causal")] == "—"
 
 
@@ -47,14 +48,15 @@ def test_report_is_self_contained_and_escapes_user_strings(study, tmp_path):
     assert "http://" not in page.replace("http://www.w3.org", "") and "https://" not in page
     images = re.findall(r'<img alt="[^"]*" src="data:image/png;base64,([^"]+)">', page)
     stems = ["variance_vs_step", "variance_profile", "jacobian_profile", "analysis_vs_model_n_layers",
-             "ppl_usefulness_vs_model_n_layers", "accuracy_bars"]
+             "ppl_usefulness_vs_model_n_layers", "accuracy_bars"]  # one analysed checkpoint: no dynamics figure
     assert len(images) == len(stems) and f'data-figures-expected="{len(stems)}"' in page
     for data in images:
         assert base64.b64decode(data)[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.stem for p in (tmp_path / "out" / "figures").iterdir()) == sorted(stems)
     md = md_path.read_text()
-    assert "| L12 | 2 | 21.00 ± 1.41 | 0.625 ± 0.177 |" in md and "![" in md
-    assert "| L16 | failed | TrainingError" in md
+    assert "| L12 | 2 | 3.433 ± 0.410 | 21.00 ± 12.71 | 0.625 ± 1.588 |" in md and "![" in md
+    assert "| L16 | failed | 2.197 | — | — | — | — | TrainingError" in md
+    assert md.index("## Claims") < md.index("## Results")  # the claims table opens the report
 
 
 def test_report_cli_and_errors(study, tmp_path, capsys):

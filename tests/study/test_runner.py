@@ -23,7 +23,8 @@ def micro(dataset, runs, **measure):
     """A study of 2-block-or-smaller d=32 models (a dozen steps take about a second)."""
     return {"name": "micro", "runs": runs,
             "config": {"data.path": str(dataset), "model": {"d_model": 32, "n_heads": 2, "seq_len": 32},
-                       "trainer": {"batch_size": 8, "max_steps": 12, "save_interval": 4, "eval_interval": 6,
+                       "trainer": {"batch_size": 8, "max_steps": 12, "save_interval": 4, "keep_last": 3,
+                                   "eval_interval": 6,
                                    "eval_batches": 2, "stats_interval": 3, "log_interval": 1, "dtype": "fp32"},
                        "schedule.warmup_steps": 3, "logging.tensorboard": False},
             "measure": {"analysis_samples": 2, "analysis_seq_len": 32, **measure}}
@@ -44,7 +45,8 @@ def test_micro_study_end_to_end_with_a_failing_run(tiny_dataset, tmp_path):
     spec = load_spec(micro(tiny_dataset, [{"name": "L1", "model.n_layers": 1},
                                           {"name": "L2", "model.n_layers": 2},
                                           {"name": "broken", "model.vocab_size": 100}],
-                           analysis=["variance", "usefulness"], perplexity=True))
+                           analysis=["variance", "usefulness"], perplexity=True, dynamics=[1 / 3, 2 / 3],
+                           dynamics_analysis=["usefulness"]))
     out = tmp_path / "study"
     logged = []
     states = run_study(spec, out, jobs=2, log=logged.append)
@@ -56,7 +58,13 @@ def test_micro_study_end_to_end_with_a_failing_run(tiny_dataset, tmp_path):
     for name, n_layers in (("L1", 1), ("L2", 2)):
         run = out / "runs" / name
         done = json.loads((run / "done.json").read_text())
-        assert done["step"] == 12 and done["measured"] == ["eval", "analysis"]
+        assert done["step"] == 12 and done["measured"] == ["baselines", "eval", "analysis", "dynamics"]
+        assert len(done["load_average"]["start"]) == 3 and done["seconds"] > 0
+        baselines = json.loads((run / "baselines.json").read_text())
+        assert 0 < baselines["bigram"] < baselines["unigram"] and baselines["tokens"] == 2 * 8 * 32
+        for step in (4, 8):  # the checkpoints at 1/3 and 2/3 of training, kept by keep_last=3
+            early = json.loads((run / "dynamics" / f"step_{step:06d}" / "results.json").read_text())
+            assert list(early["metrics"]) == ["usefulness"] and early["model"]["ref"].endswith(f"step_{step:06d}")
         analysis = json.loads((run / "analysis" / "results.json").read_text())
         assert len(analysis["metrics"]["usefulness"]["useful"]) == n_layers
         assert json.loads((run / "eval" / "results.json").read_text())["perplexity"]["tokens"] > 0
@@ -65,6 +73,8 @@ def test_micro_study_end_to_end_with_a_failing_run(tiny_dataset, tmp_path):
     assert set(rows) == {"L1", "L2"}
     useful = json.loads((out / "runs" / "L2" / "analysis" / "results.json").read_text())["metrics"]["usefulness"]
     assert rows["L2"]["metrics"]["usefulness"]["mean"] == useful["score"]
+    assert [[p["step"] for p in d] for d in rows["L2"]["dynamics"]] == [[4, 8, 12]]
+    assert rows["L2"]["dynamics"][0][-1]["continuous_usefulness"] == useful["continuous_score"]
 
     before = (out / "runs" / "L1" / "done.json").stat().st_mtime_ns
     logged.clear()

@@ -31,8 +31,22 @@ def register(sub, help_: str) -> None:
     s.add_argument("study_dir", metavar="DIR")
     s.set_defaults(func=_status)
 
-    ls = actions.add_parser("list", help="the built-in studies, their scales and expected runtimes")
+    ls = actions.add_parser("list", help="the built-in studies, their scales, expected runtimes and GPU-hours")
     ls.set_defaults(func=_list)
+
+    sm = actions.add_parser("smoke", help="a few training steps of built-in studies, to check a (GPU) machine",
+                            description="Run each built-in study (default: all) at --scale (default small) for "
+                            "--steps training steps, checkpointing every step, without torch.compile, with "
+                            "measurements on a few examples and only its largest run (most parameters × context) "
+                            "unless --all-runs. Exit 0 when every smoke run finished. The GPU check script runs "
+                            "'depthlab study smoke --out DIR'.")
+    sm.add_argument("names", nargs="*", metavar="NAME", help="built-in studies (default: all)")
+    sm.add_argument("--scale", default="small")
+    sm.add_argument("--out", default="studies/smoke", help="parent folder of the smoke study folders "
+                    "(default studies/smoke)")
+    sm.add_argument("--steps", type=int, default=2, help="training steps per run (default 2)")
+    sm.add_argument("--all-runs", action="store_true", help="every run of each study, not only its largest")
+    sm.set_defaults(func=_smoke)
 
     sh = actions.add_parser("show", help="the runs a study would make (one name per line, for cluster scripts)")
     sh.add_argument("spec", metavar="NAME|SPEC.yaml")
@@ -63,9 +77,19 @@ def _list(args) -> int:
     for name in builtin_names():
         spec = load_spec(name)
         print(f"{name}: {spec.description}")
-        for scale, runtime in builtin_scales(name).items():
-            print(f"    {scale:<6} {runtime}")
+        for scale, about in builtin_scales(name).items():
+            hours = f"≈{about['gpu_hours']:g} GPU-hours; " if about["gpu_hours"] else ""
+            print(f"    {scale:<6} {hours}{about['runtime']}")
     return 0
+
+
+def _smoke(args) -> int:
+    from depthlab.study.runner import smoke
+    from depthlab.study.spec import builtin_names
+
+    results = smoke(args.names or builtin_names(), args.out, scale=args.scale, steps=args.steps,
+                    all_runs=args.all_runs)
+    return 0 if all(s == "done" for states in results.values() for s in states.values()) else 1
 
 
 def _show(args) -> int:

@@ -6,6 +6,8 @@ Study folder layout::
     STUDY/runs/NAME/run.json         what the run is: setting, seed, full config, measurements
     STUDY/runs/NAME/config.yaml, metrics.jsonl, layer_stats.jsonl, checkpoints/   (the trainer's run folder)
     STUDY/runs/NAME/eval/results.json, analysis/results.json                      (measurements)
+    STUDY/runs/NAME/dynamics/step_NNNNNN/results.json   the analysis of an earlier checkpoint (measure.dynamics)
+    STUDY/runs/NAME/baselines.json   unigram and add-one bigram cross-entropy on the run's validation windows
     STUDY/runs/NAME/log.txt          stdout and stderr of every attempt
     STUDY/runs/NAME/done.json        written atomically last: the run is finished and is skipped from now on
     STUDY/runs/NAME/failed.json      the error of the last attempt (a rerun retries the run, resuming it)
@@ -34,10 +36,10 @@ import yaml
 
 from depthlab.errors import StudyError
 from depthlab.fileio import atomic_write_text
-from depthlab.study.spec import StudySpec, load_spec, spec_difference
+from depthlab.study.spec import StudySpec, check_dynamics, dynamics_steps, load_spec, spec_difference
 
 STATES = ("done", "running", "failed", "interrupted", "pending")
-DESCRIPTIVE = ("description:", "runtime:")
+DESCRIPTIVE = ("description:", "runtime:", "gpu_hours:")
 """Spec keys that do not change results: editing them does not make a study folder a different study."""
 
 
@@ -166,12 +168,12 @@ def execute_run(run_dir: str | Path, log=print) -> dict[str, Any]:
         return _train(run_dir, info)
     (run_dir / "failed.json").unlink(missing_ok=True)
     _write_json(run_dir / "running.json", {"pid": os.getpid(), "host": socket.gethostname(), "started": _now()})
-    start = time.perf_counter()
+    start, load_start = time.perf_counter(), _load_average()
     try:
         result = _train(run_dir, info)
         measured = _measure(run_dir, info, log)
         done = {"name": info["name"], "finished": _now(), "seconds": round(time.perf_counter() - start, 1),
-                **result, "measured": measured}
+                "load_average": {"start": load_start, "end": _load_average()}, **result, "measured": measured}
         _write_json(run_dir / "done.json", done)
         return done
     except BaseException as e:
@@ -181,6 +183,14 @@ def execute_run(run_dir: str | Path, log=print) -> dict[str, Any]:
         raise
     finally:
         (run_dir / "running.json").unlink(missing_ok=True)
+
+
+def _load_average() -> list[float] | None:
+    """The machine's 1/5/15-minute load averages (wall times are only comparable at similar load)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def _train(run_dir: Path, info: dict) -> dict[str, Any]:
@@ -194,13 +204,19 @@ def _train(run_dir: Path, info: dict) -> dict[str, Any]:
 
 
 def _measure(run_dir: Path, info: dict, log) -> list[str]:
-    """Evaluation and analysis of the trained run; each is skipped when its results already exist."""
+    """Baselines, evaluation, analysis and the analysis of earlier checkpoints of the trained run; each is skipped
+    when its results already exist."""
     import torch
 
     measure = info["measure"]
     data_path = info["config"]["data"]["path"] or None
     device = "cuda" if torch.cuda.is_available() else "cpu"
     done = []
+    if not (run_dir / "baselines.json").exists():
+        from depthlab.study.baselines import run_baselines
+
+        _write_json(run_dir / "baselines.json", run_baselines(info["config"]))
+    done.append("baselines")
     if measure["eval_tasks"] or measure["perplexity"]:
         results_path = run_dir / "eval" / "results.json"
         if not results_path.exists():
@@ -221,6 +237,19 @@ def _measure(run_dir: Path, info: dict, log) -> list[str]:
                      num_samples=measure["analysis_samples"], seq_len=measure["analysis_seq_len"],
                      options=measure["analysis_options"], progress=False, device=device, log=log)
         done.append("analysis")
+    steps = dynamics_steps(measure.get("dynamics", []), info["config"]["trainer"]["max_steps"])
+    if steps and measure.get("dynamics_analysis"):
+        from depthlab.analysis import run_analysis
+
+        for step in steps:
+            checkpoint = run_dir / "checkpoints" / f"step_{step:06d}"
+            if not checkpoint.is_dir():
+                raise StudyError(f"checkpoint {checkpoint} is gone (trainer.keep_last too small?): cannot measure "
+                                 f"step {step} of the training dynamics")
+            run_analysis(str(checkpoint), run_dir / "dynamics" / checkpoint.name, metrics=measure["dynamics_analysis"],
+                         data=data_path, num_samples=measure["analysis_samples"], seq_len=measure["analysis_seq_len"],
+                         options=measure["analysis_options"], progress=False, device=device, log=log)
+        done.append("dynamics")
     return done
 
 
@@ -260,7 +289,7 @@ def run_study(spec: StudySpec | str | Path, out: str | Path | None = None, *, sc
         spec = load_spec(spec, scale)
     if overrides:
         spec = dataclasses.replace(spec, config={**spec.config, **overrides})
-        spec.resolve()  # every run's config must still be valid
+        check_dynamics(spec)  # every run's config must still be valid and keep its dynamics checkpoints
     if jobs < 1 or nproc_per_node < 1:
         raise StudyError(f"--jobs and --nproc-per-node must be >= 1, got {jobs} and {nproc_per_node}")
     out = Path(out) if out is not None else Path("studies") / (spec.name + (f"-{spec.scale}" if spec.scale else ""))
@@ -288,6 +317,38 @@ def run_study(spec: StudySpec | str | Path, out: str | Path | None = None, *, sc
     log(f"study {spec.name}: {len(states) - len(failed)}/{len(states)} runs done in {out}"
         + (f"; not done: {', '.join(failed)}" if failed else ""))
     return states
+
+
+def smoke_spec(spec: StudySpec, steps: int = 2, all_runs: bool = False) -> StudySpec:
+    """`spec` cut to a smoke test of its code paths: `steps` training steps (checkpoint every step, no compile),
+    measurements on a handful of examples, and only its largest run (most parameters × context) unless `all_runs`."""
+    if steps < 1:
+        raise StudyError(f"--steps must be >= 1, got {steps}")
+    config = {**spec.config, "trainer.max_steps": steps, "trainer.save_interval": 1, "trainer.keep_last": steps + 1,
+              "trainer.eval_interval": steps, "trainer.compile": False}
+    measure = dataclasses.replace(spec.measure, eval_limit=4, analysis_samples=min(2, spec.measure.analysis_samples))
+    smoke = dataclasses.replace(spec, name=f"{spec.name}-smoke", config=config, measure=measure)
+    if not all_runs:
+        from depthlab import config as cfgmod
+        from depthlab.model.params import param_counts
+
+        def size(run):
+            model = cfgmod.from_dict(run.config).model
+            return param_counts(model).total * model.seq_len
+
+        largest = max(smoke.resolve(), key=size)
+        smoke = dataclasses.replace(smoke, grid=None, runs=[{"name": largest.label, **largest.setting}],
+                                    seeds=[0])
+    check_dynamics(smoke)
+    return smoke
+
+
+def smoke(names: list[str], out: str | Path, *, scale: str = "small", steps: int = 2, all_runs: bool = False,
+          log=print) -> dict[str, dict[str, str]]:
+    """Run `smoke_spec` of each built-in study `names` at `scale` into ``out/NAME-SCALE-smoke`` (what
+    ``depthlab study smoke`` and the GPU check script run); returns {study: {run: state}}."""
+    return {name: run_study(smoke_spec(load_spec(name, scale), steps, all_runs), Path(out) / f"{name}-{scale}-smoke",
+                            log=log) for name in names}
 
 
 def _gpu_count() -> int:

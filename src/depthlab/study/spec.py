@@ -10,7 +10,9 @@ A spec is YAML (a file, or a built-in name from ``depthlab/studies/``):
     runs: [{name: a, model.n_layers: 2}]  # ... or an explicit list of runs (one of the two)
     seeds: [0, 1]
     measure: {eval_tasks: [arc_easy], eval_limit: 100, perplexity: false,
-              analysis: [variance, usefulness], analysis_samples: 16, analysis_seq_len: 128}
+              analysis: [variance, usefulness], analysis_samples: 16, analysis_seq_len: 128,
+              dynamics: [0.25, 0.5], dynamics_analysis: [variance, usefulness]}
+    gpu_hours: 4                # expected GPU-hours of the whole study (descriptive, for GPU scales)
 
 A built-in file holds the common keys at the top and one section per scale under ``scales:``; the chosen scale's
 keys replace the top-level ones (``config`` and ``measure`` are merged key by key). Resolution turns a spec into
@@ -32,9 +34,10 @@ import yaml
 from depthlab import config as cfgmod
 from depthlab.errors import AnalysisError, ConfigError, EvalError, StudyError
 
-SPEC_KEYS = ("name", "description", "reference", "runtime", "base", "config", "grid", "runs", "seeds", "measure")
+SPEC_KEYS = ("name", "description", "reference", "runtime", "gpu_hours", "base", "config", "grid", "runs", "seeds",
+             "measure")
 MEASURE_KEYS = ("eval_tasks", "eval_limit", "perplexity", "analysis", "analysis_samples", "analysis_seq_len",
-                "analysis_options")
+                "analysis_options", "dynamics", "dynamics_analysis")
 _SHORT = {"model.n_layers": "L", "model.d_model": "d", "optimizer.weight_decay": "wd", "model.seq_len": "T",
           "model.n_kv_heads": "kv", "model.moe.num_experts": "E", "model.moe.top_k": "k", "optimizer.lr": "lr"}
 """Short names of common knobs in generated run names (others use the key's last component)."""
@@ -58,6 +61,11 @@ class Measurements:
     """Tokens per calibration sequence."""
     analysis_options: dict[str, dict] = field(default_factory=dict)
     """Per-metric options, e.g. {permutation: {pairs: all}}."""
+    dynamics: list[float] = field(default_factory=list)
+    """Fractions of training (0 < f < 1) at which the checkpoint of step round(f·max_steps) is analysed too, so the
+    report can plot the metrics against the training step; the trainer must keep those checkpoints."""
+    dynamics_analysis: list[str] = field(default_factory=lambda: ["variance", "usefulness"])
+    """The analysis metrics measured at the `dynamics` checkpoints (the end of training gets `analysis`)."""
 
 
 @dataclass
@@ -86,6 +94,8 @@ class StudySpec:
     reference: str | None = None
     description: str = ""
     runtime: str = ""
+    gpu_hours: float | None = None
+    """Expected GPU-hours of the whole study (GPU scales), as `depthlab study list` states it."""
     scale: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -180,10 +190,11 @@ def _builtin_path(name: str) -> Path:
     return Path(str(_studies_dir() / f"{name}.yaml"))
 
 
-def builtin_scales(name: str) -> dict[str, str]:
-    """{scale: expected runtime} of a built-in study."""
+def builtin_scales(name: str) -> dict[str, dict[str, Any]]:
+    """{scale: {"runtime": text, "gpu_hours": number or None}} of a built-in study."""
     data = yaml.safe_load(_builtin_path(name).read_text())
-    return {scale: section.get("runtime", "") for scale, section in data.get("scales", {}).items()}
+    return {scale: {"runtime": section.get("runtime", ""), "gpu_hours": section.get("gpu_hours")}
+            for scale, section in data.get("scales", {}).items()}
 
 
 def load_spec(source: str | Path | dict, scale: str | None = None) -> StudySpec:
@@ -266,15 +277,19 @@ def parse_spec(data: dict[str, Any], scale: str | None = None, where: str = "spe
     name = str(data["name"])
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
         raise StudyError(f"{where}: study name {name!r} may only hold letters, digits, '_', '.', '-'")
+    gpu_hours = data.get("gpu_hours")
+    if gpu_hours is not None and (isinstance(gpu_hours, bool) or not isinstance(gpu_hours, (int, float))
+                                  or gpu_hours <= 0):
+        raise StudyError(f"{where}: 'gpu_hours' must be a positive number, got {gpu_hours!r}")
     spec = StudySpec(name=name, base=data.get("base"), config=config, grid=grid, runs=runs, seeds=seeds,
                      measure=measure, reference=data.get("reference"), description=str(data.get("description", "")),
-                     runtime=str(data.get("runtime", "")), scale=scale)
+                     runtime=str(data.get("runtime", "")), gpu_hours=gpu_hours, scale=scale)
     if spec.reference is not None:
         from depthlab.study.paper import REFERENCES
 
         if spec.reference not in REFERENCES:
             raise StudyError(f"{where}: unknown reference '{spec.reference}'; one of {', '.join(REFERENCES)}")
-    spec.resolve()  # every run's config must be valid now, not hours later
+    check_dynamics(spec, where)  # resolves every run: each config must be valid now, not hours later
     return spec
 
 
@@ -285,8 +300,9 @@ def _parse_measure(data: dict[str, Any], where: str) -> Measurements:
     m = Measurements(**data)
     if isinstance(m.eval_tasks, str):
         m.eval_tasks = [t.strip() for t in m.eval_tasks.split(",") if t.strip()]
-    if isinstance(m.analysis, str):
-        m.analysis = [t.strip() for t in m.analysis.split(",") if t.strip()]
+    for key in ("analysis", "dynamics_analysis"):
+        if isinstance(getattr(m, key), str):
+            setattr(m, key, [t.strip() for t in getattr(m, key).split(",") if t.strip()])
     if m.eval_tasks:
         from depthlab.eval.tasks import resolve_tasks
 
@@ -294,19 +310,52 @@ def _parse_measure(data: dict[str, Any], where: str) -> Measurements:
             m.eval_tasks = resolve_tasks(m.eval_tasks)
         except EvalError as e:
             raise StudyError(f"{where}: measure.eval_tasks: {e}") from None
-    if m.analysis:
-        from depthlab.analysis.suite import resolve_metrics
+    from depthlab.analysis.suite import resolve_metrics
 
-        try:
-            m.analysis = resolve_metrics(m.analysis)
-        except AnalysisError as e:
-            raise StudyError(f"{where}: measure.analysis: {e}") from None
+    for key in ("analysis", "dynamics_analysis"):
+        if getattr(m, key):
+            try:
+                setattr(m, key, resolve_metrics(getattr(m, key)))
+            except AnalysisError as e:
+                raise StudyError(f"{where}: measure.{key}: {e}") from None
+    if not isinstance(m.dynamics, list) or not all(
+            isinstance(f, (int, float)) and not isinstance(f, bool) and 0 < f < 1 for f in m.dynamics):
+        raise StudyError(f"{where}: measure.dynamics must be a list of fractions of training in (0, 1), got "
+                         f"{m.dynamics!r}")
+    m.dynamics = sorted({float(f) for f in m.dynamics})
     if m.eval_limit is not None and (not isinstance(m.eval_limit, int) or m.eval_limit < 1):
         raise StudyError(f"{where}: measure.eval_limit must be a positive integer or null, got {m.eval_limit!r}")
     for key in ("analysis_samples", "analysis_seq_len"):
         if not isinstance(getattr(m, key), int) or getattr(m, key) < 1:
             raise StudyError(f"{where}: measure.{key} must be a positive integer")
     return m
+
+
+def dynamics_steps(fractions: list[float], max_steps: int) -> list[int]:
+    """The training steps whose checkpoints are analysed besides the last: round(f·max_steps) for each fraction f,
+    distinct, each in [1, max_steps)."""
+    return sorted({min(max_steps - 1, max(1, round(f * max_steps))) for f in fractions} - {0})
+
+
+def check_dynamics(spec: StudySpec, where: str = "spec") -> None:
+    """Every run resolves, and keeps a checkpoint at each of its `dynamics_steps` until training ends.
+
+    The trainer saves every `save_interval` steps and keeps the newest `keep_last`: a step is kept when it is a
+    multiple of save_interval and at most keep_last checkpoints (the final one included) follow it.
+    """
+    for run in spec.resolve():
+        t = run.config["trainer"]
+        wanted = dynamics_steps(spec.measure.dynamics, t["max_steps"])
+        if not wanted:
+            continue
+        interval = t["save_interval"]
+        saved = bool(interval) and all(s % interval == 0 for s in wanted)
+        if not saved or len(range(wanted[0], t["max_steps"], interval)) + 1 > t["keep_last"]:
+            raise StudyError(
+                f"{where}: run '{run.name}' analyses the checkpoints of steps {wanted} (measure.dynamics "
+                f"{spec.measure.dynamics} of {t['max_steps']} steps), which the trainer would not keep: make "
+                f"trainer.save_interval (now {interval}) divide each, and trainer.keep_last (now {t['keep_last']}) "
+                f"at least the number of checkpoints from step {wanted[0]} to the end")
 
 
 def spec_difference(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
