@@ -172,7 +172,7 @@ class Engine:
         if ours.shape != theirs.shape or err > tol:
             raise AnalysisError(f"final norm + LM head of {type(self.model).__name__} do not reproduce its logits "
                                 f"(relative error {err:.2g}); its output layer needs an adapter in "
-                                "depthlab/analysis/engine.py")
+                                "ModelView.final (depthlab/model/view.py)")
         self._verified = True
 
     # ---------------------------------------------------------------------------------------------------------- #

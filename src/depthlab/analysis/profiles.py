@@ -30,9 +30,10 @@ class VarianceProfile(Result):
     out_var: list[float]
     """Mean over tokens of the feature variance of h_{l+1}, the raw block output (pre-final-norm)."""
     attn_var: list[float]
-    """The same statistic for the attention branch output, before it is added to the stream."""
+    """The same statistic for the attention branch as it is added to the stream: after any post-sub-layer norm
+    (Peri-LN, Gemma-2/3, OLMo-2) and residual scale (`depthlab.model.view`); null where unavailable."""
     ffn_var: list[float]
-    """The same statistic for the FFN (or MoE) branch output."""
+    """The same statistic for the FFN (or MoE) branch as it is added to the stream."""
     attn_norm: list[float]
     """Mean per-token L2 norm of the attention branch output."""
     ffn_norm: list[float]
@@ -46,6 +47,8 @@ class VarianceProfile(Result):
     final_norm_var: float
     """Feature variance after the final norm (not "last-layer variance": that is out_var[-1])."""
     tokens: int
+    branches_unavailable: str | None = None
+    """Why the branch columns are null for some blocks (e.g. "blocks 0-5: ..."); None when all were measured."""
 
 
 def variance_profile(model, input_ids, *, micro_batch_size: int = 8, cache_budget_mb: float = 2048.0,
@@ -53,6 +56,7 @@ def variance_profile(model, input_ids, *, micro_batch_size: int = 8, cache_budge
     """Per-block variance and norms of the stream and of each branch (SPEC §5.1, §3 definitions)."""
     eng = get_engine(model, input_ids, engine, micro_batch_size, cache_budget_mb)
     L = eng.n_layers
+    missing = {l: why for l in range(L) if (why := eng.stack.branch_unavailable(l)) is not None}
     sums = {k: torch.zeros(L, dtype=torch.float64) for k in
             ("out_var", "attn_var", "ffn_var", "attn_norm", "ffn_norm", "stream_norm", "update", "in_norm")}
     embed_var = final_var = 0.0
@@ -69,13 +73,27 @@ def variance_profile(model, input_ids, *, micro_batch_size: int = 8, cache_budge
             sums["stream_norm"][l] += _norm(hs[l + 1]).sum()
             sums["in_norm"][l] += _norm(hs[l]).sum()
             sums["update"][l] += _norm(hs[l + 1].double() - hs[l].double()).sum()
+            if l in missing:
+                continue
             for name in ("attn", "ffn"):
                 sums[f"{name}_var"][l] += _feature_var(base.branches[name][l]).sum()
                 sums[f"{name}_norm"][l] += _norm(base.branches[name][l]).sum()
+    for k in ("attn_var", "ffn_var", "attn_norm", "ffn_norm"):
+        sums[k][list(missing)] = torch.nan
     mean = {k: (v / tokens).tolist() for k, v in sums.items()}
     rel = (sums["update"] / sums["in_norm"].clamp_min(1e-300)).tolist()
     return VarianceProfile(mean["out_var"], mean["attn_var"], mean["ffn_var"], mean["attn_norm"], mean["ffn_norm"],
-                           mean["stream_norm"], rel, embed_var / tokens, final_var / tokens, tokens)
+                           mean["stream_norm"], rel, embed_var / tokens, final_var / tokens, tokens,
+                           branches_unavailable=_describe(missing))
+
+
+def _describe(missing: dict[int, str]) -> str | None:
+    """{layer: reason} → "blocks 0, 2: reason; block 5: other reason"."""
+    by_reason: dict[str, list[int]] = {}
+    for layer, why in missing.items():
+        by_reason.setdefault(why, []).append(layer)
+    parts = [f"block{'s' if len(ls) > 1 else ''} {', '.join(map(str, ls))}: {why}" for why, ls in by_reason.items()]
+    return "; ".join(parts) or None
 
 
 @dataclass

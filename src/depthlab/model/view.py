@@ -7,7 +7,9 @@ it is depthlab's own `Transformer` (``native``) or a Hugging Face model; and wha
 stack rather than to the block weights there.
 
 **Blocks, norm, head** are found by the module paths in ``BLOCK_PATHS`` / ``FINAL_NORM_PATHS``; a family with a new
-layout is taught by adding its paths there.
+layout is taught by adding its paths there. ``final(h)`` is the logits from the pre-final-norm stream, including the
+output logic some families apply after the head (Cohere's ``logit_scale``, Granite's ``logits_scaling``, Gemma-2/3's
+``final_logit_softcapping``); the engine checks once that it reproduces the model's own logits.
 
 **Branches.** Block l maps x = h_l to y = h_{l+1}; for the usual sequential or parallel residual block
 ``y = x + α·a + β·f`` where a and f are the outputs of the attention and FFN *sub-layers* after any norm the block
@@ -150,6 +152,7 @@ class ModelView:
         self.d_model = self.head.weight.shape[1]
         self.vocab_size = self.head.weight.shape[0]
         cfg = self.config
+        self._logit_scale, self._softcap = 1.0, None
         if self.native:
             self.context: int | None = cfg.seq_len
             self.n_heads: int | None = cfg.n_heads
@@ -163,6 +166,9 @@ class ModelView:
             self.n_kv_heads = 1 if single_kv else _config_int(cfg, KV_HEAD_KEYS) or self.n_heads
             self.num_experts = _config_int(cfg, EXPERT_KEYS)
             self.top_k = _config_int(cfg, TOP_K_KEYS) if self.num_experts else None
+            # Output logic after the LM head, from the config (1 / None where the family has none).
+            self._logit_scale = (getattr(cfg, "logit_scale", None) or 1.0) / (getattr(cfg, "logits_scaling", None) or 1.0)
+            self._softcap = getattr(cfg, "final_logit_softcapping", None)
         params = inspect.signature(model.forward).parameters
         self.forward_kwargs = {"use_cache": False} if "use_cache" in params else {}
         """Keyword arguments for a plain scoring forward (no KV cache)."""
@@ -172,8 +178,13 @@ class ModelView:
 
     # ---------------------------------------------------------------------------------------------------------- #
     def final(self, h: torch.Tensor) -> torch.Tensor:
-        """Logits from the pre-final-norm stream."""
-        return self.head(self.final_norm(h))
+        """Logits from the pre-final-norm stream (final norm, LM head and the family's output scaling / softcap)."""
+        logits = self.head(self.final_norm(h))
+        if self._logit_scale != 1.0:
+            logits = logits * self._logit_scale
+        if self._softcap:
+            logits = torch.tanh(logits / self._softcap) * self._softcap
+        return logits
 
     def position(self, layer: int) -> Position:
         block = self.blocks[layer]
@@ -267,7 +278,7 @@ class ModelView:
                 continue
             scales = _fit_scales(x, y, [calls[m][0][2] for m in ends.values()])
             if scales is None:
-                self._unavailable[l] = (f"block {l}'s update is not a fixed combination of its attention and FFN "
+                self._unavailable[l] = ("the block's update is not a fixed combination of its attention and FFN "
                                         "outputs (post-LN, or a branch adds the residual itself)")
             else:
                 found = {n: Branch(ends[n], s) for n, s in zip(BRANCHES, scales)}
