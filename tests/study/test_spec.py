@@ -6,8 +6,8 @@ import pytest
 import yaml
 
 from depthlab.errors import StudyError
-from depthlab.study.runner import prepare_study
-from depthlab.study.spec import builtin_names, builtin_scales, load_spec
+from depthlab.study.runner import prepare_study, smoke_spec
+from depthlab.study.spec import builtin_names, builtin_scales, dynamics_steps, load_spec
 
 BASE = {"model": {"d_model": 32, "n_heads": 2, "seq_len": 32}, "trainer": {"max_steps": 5}}
 
@@ -105,3 +105,35 @@ def test_folder_of_another_spec_is_refused_showing_the_difference(tmp_path):
     with pytest.raises(StudyError, match=r"config\.trainer\.max_steps: 5 → 9"):
         prepare_study(load_spec({"name": "s", "config": {**BASE, "trainer": {"max_steps": 9}},
                                  "grid": {"model.n_layers": [2, 3]}}), tmp_path)
+
+
+def test_dynamics_checkpoints_must_be_kept_by_the_trainer():
+    fine = spec(grid={"model.n_layers": [2]}, measure={"dynamics": [0.5, 0.25], "dynamics_analysis": "usefulness"},
+                config={**BASE, "trainer": {**BASE["trainer"], "save_interval": 1, "keep_last": 5}})
+    assert fine.measure.dynamics == [0.25, 0.5] and fine.measure.dynamics_analysis == ["usefulness"]
+    assert dynamics_steps(fine.measure.dynamics, 8) == [2, 4] and dynamics_steps([0.01, 0.99], 4) == [1, 3]
+    # BASE trains 5 steps: 0.2 → step 1; save_interval 1, keep_last 2 keeps steps 4 and 5 only
+    with pytest.raises(StudyError, match=r"checkpoints of steps \[1\].*trainer.keep_last \(now 2\)"):
+        spec(grid={"model.n_layers": [2]}, measure={"dynamics": [0.2]}, config={**BASE, "trainer": {
+            **BASE["trainer"], "save_interval": 1}})
+    with pytest.raises(StudyError, match=r"make trainer.save_interval \(now 2\) divide each"):
+        spec(grid={"model.n_layers": [2]}, measure={"dynamics": [0.2]}, config={**BASE, "trainer": {
+            **BASE["trainer"], "save_interval": 2, "keep_last": 9}})
+    for bad in ([1.0], [0], "half", [True]):
+        with pytest.raises(StudyError, match="measure.dynamics must be a list of fractions"):
+            spec(grid={"model.n_layers": [2]}, measure={"dynamics": bad})
+    with pytest.raises(StudyError, match="'gpu_hours' must be a positive number"):
+        spec(grid={"model.n_layers": [2]}, gpu_hours="soon")
+
+
+def test_smoke_spec_is_the_largest_run_for_two_steps():
+    for name in builtin_names():
+        smoke = smoke_spec(load_spec(name, "small"))
+        (run,) = smoke.resolve()
+        t = run.config["trainer"]
+        assert t["max_steps"] == 2 and not t["compile"] and smoke.measure.analysis_samples <= 2, name
+    assert smoke_spec(load_spec("depth", "small")).resolve()[0].name == "L32"
+    assert smoke_spec(load_spec("context", "small")).resolve()[0].name == "T8192"
+    assert len(smoke_spec(load_spec("gqa", "small"), all_runs=True).resolve()) == 3
+    with pytest.raises(StudyError, match="--steps must be >= 1"):
+        smoke_spec(load_spec("gqa", "small"), steps=0)

@@ -258,11 +258,17 @@ def format_result(result: dict[str, Any], knob: str = "") -> str:
     return text + unit + f" (n={result['n']})"
 
 
+def _key(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _span(a: Any, b: Any, knob: str) -> str:
+    """'λ 0 → 0.1' for knob values, 'dense → moe' for named settings."""
+    return f"{knob} {_key(a)} → {_key(b)}" if isinstance(a, (int, float)) else f"{a} → {b}"
+
+
 def format_settings(result: dict[str, Any], knob: str) -> str:
-    if result["settings"] is None:
-        return "—"
-    a, b = result["settings"]
-    return f"{knob} {a} → {b}" if result["kind"] == "trend" or isinstance(a, (int, float)) else f"{a} → {b}"
+    return "—" if result["settings"] is None else _span(*result["settings"], knob)
 
 
 def format_paper(result: dict[str, Any], knob: str) -> str:
@@ -274,9 +280,7 @@ def format_paper(result: dict[str, Any], knob: str) -> str:
     numbers = f"{_number(va)} → {_number(vb)}"
     if paper["matched"]:
         return f"{numbers} {arrow}"
-    where = f"{knob} {paper['a']} → {paper['b']}" if isinstance(paper["a"], (int, float)) else (
-        f"{paper['a']} → {paper['b']}")
-    return f"{arrow} (paper at {where}: {numbers})"
+    return f"{arrow} (paper at {_span(paper['a'], paper['b'], knob)}: {numbers})"
 
 
 CLAIM_HEADER = ("claim", "compared", "tiny result: effect [95% interval]", "verdict", "paper")
