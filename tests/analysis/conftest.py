@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import transformers as T
@@ -91,3 +93,14 @@ def hidden_states(model, ids) -> list[torch.Tensor]:
     for h in handles:
         h.remove()
     return hs
+
+
+def with_weights_swapped(model, a: int, b: int):
+    """A copy of `model` whose blocks a and b exchanged weights; each module keeps what belongs to its position
+    (LNS factor, norm placement, layer index, attention type): the brute-force swap of SPEC §1."""
+    twin = copy.deepcopy(model)
+    blocks = ModelView(twin).blocks
+    sa, sb = ({k: v.clone() for k, v in blocks[i].state_dict().items()} for i in (a, b))
+    blocks[a].load_state_dict(sb)
+    blocks[b].load_state_dict(sa)
+    return twin

@@ -8,8 +8,6 @@ whatever norms (Gemma-2/3, OLMo-2, GLM-4) or residual multipliers (Granite) sit 
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import transformers as T
@@ -18,7 +16,7 @@ from depthlab.analysis import permutation_scores, variance_profile
 from depthlab.analysis.engine import Drop, Engine
 from depthlab.model.view import ModelView
 
-from .conftest import V, full_loss, hidden_states
+from .conftest import V, full_loss, hidden_states, with_weights_swapped
 
 COMMON = {"vocab_size": V, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
           "num_attention_heads": 4, "max_position_embeddings": 32, "initializer_range": 0.25}
@@ -133,19 +131,9 @@ def test_dropping_a_branch_and_swapping_blocks_match_brute_force(family):
     assert torch.allclose(dropped, full, rtol=1e-4, atol=1e-5), family
     # a swap moves only the weights: the brute force exchanges the two blocks' state dicts
     score = permutation_scores(model, ids, pairs=[(0, 1)], engine=engine).scores[0]
-    swapped = _state_swapped(model, 0, 1)
+    swapped = with_weights_swapped(model, 0, 1)
     base_loss = full_loss(model, ids)
     assert score == pytest.approx(abs(full_loss(swapped, ids) - base_loss) / base_loss, rel=1e-4, abs=1e-7)
-
-
-def _state_swapped(model, a: int, b: int):
-    """A copy of `model` whose blocks a and b exchanged their weights (each module keeps its own position)."""
-    twin = copy.deepcopy(model)
-    blocks = ModelView(twin).blocks
-    sa, sb = ({k: v.clone() for k, v in blocks[i].state_dict().items()} for i in (a, b))
-    blocks[a].load_state_dict(sb)
-    blocks[b].load_state_dict(sa)
-    return twin
 
 
 def test_bloom_branches_are_unavailable_but_stream_metrics_run():
