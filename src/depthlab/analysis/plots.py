@@ -85,4 +85,35 @@ def plot_result(name: str, result: dict, out: Path) -> list[Path]:
     elif name == "attention_sparsity":
         written.append(out / "attention_entropy.png")
         _heatmap(written[-1], result["normalized_entropy"], "normalised attention entropy", "head", "block l")
+    elif name in ("lens", "tuned_lens"):
+        plt, fig, (a, b) = _figure(2)
+        layers = range(len(result["kl"]))
+        a.plot(layers, result["kl"], marker=".", label=name.replace("_", " "))
+        if name == "tuned_lens":
+            a.plot(layers, result["logit_kl"], marker=".", label="logit lens (same tokens)")
+        a.set(yscale="symlog", xlabel="block l (output decoded)", ylabel="KL(final || lens) [nats]",
+              title="where the prediction settles")
+        a.legend()
+        b.plot(layers, result["top1_agreement"], marker=".", label="top-1 = final top-1")
+        b.plot(layers, [float(np.exp(v)) for v in result["target_logprob"]], marker=".", label="exp(mean log p(target))")
+        b.set(xlabel="block l", ylim=(0, 1.02), title="agreement with the output")
+        b.legend()
+        written.append(out / f"{name}.png")
+        _save(plt, fig, written[-1])
+    elif name == "branches":
+        plt, fig, (a, b) = _figure(2)
+        x = np.arange(len(result["attn_removed"]))
+        for ax, kind in ((a, "removed"), (b, "affine")):
+            ax.bar(x - 0.2, result[f"attn_{kind}"], 0.4, label="attention")
+            ax.bar(x + 0.2, result[f"ffn_{kind}"], 0.4, label="MLP / MoE")
+            ax.axhline(1.0, color="C7", linewidth=0.8)
+            ax.set(yscale="log", xlabel="block l", ylabel="loss ratio L / L_0",
+                   title="branch removed" if kind == "removed" else "branch replaced by its affine fit")
+            ax.legend()
+        written.append(out / "branches.png")
+        _save(plt, fig, written[-1])
+        for branch in ("attn", "ffn"):
+            written.append(out / f"branches_{branch}_causal.png")
+            _heatmap(written[-1], result[f"{branch}_causal"], f"causal effect of removing the {branch} branch",
+                     "affected block l", f"block s ({branch} removed)")
     return written
