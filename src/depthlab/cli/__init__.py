@@ -34,7 +34,7 @@ COMMANDS = [
     ("eval", "perplexity and zero-shot downstream accuracy"),
     ("study", "run depth-scaling sweeps x sparsity knobs"),
     ("report", "render a study folder as HTML + Markdown"),
-    ("compare", "compare two runs side by side"),
+    ("compare", "compare models (any load_model reference) or two runs side by side"),
     ("theory", "simulate variance propagation with sparse sub-layers"),
     ("recipe", "write a training config for a depth-effective model"),
     ("doctor", "diagnose a model's depth use and missing recipe levers"),
