@@ -209,7 +209,11 @@ def _per_layer_columns(name: str, value: dict) -> dict[str, list]:
             "causal": ("per_skip_mean",),
             "weight_sparsity": ("per_layer_hoyer",),
             "attention_sparsity": ("layer_entropy", "layer_normalized_entropy", "layer_effective_support"),
-            "moe": ("imbalance", "balance", "router_entropy", "branch_importance")}.get(name, ())
+            "moe": ("imbalance", "balance", "router_entropy", "branch_importance"),
+            "lens": ("kl", "top1_agreement", "target_logprob", "target_rank", "entropy"),
+            "tuned_lens": ("kl", "logit_kl", "top1_agreement", "target_logprob", "target_rank", "entropy"),
+            "branches": ("attn_removed", "ffn_removed", "attn_affine", "ffn_affine", "attn_causal_mean",
+                         "ffn_causal_mean")}.get(name, ())
     if name == "jacobian":
         return {k: [r.get(k) for r in value["layers"]] for k in value["layers"][0]}
     return {k: value[k] for k in keys}
