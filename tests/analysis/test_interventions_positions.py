@@ -85,3 +85,18 @@ def test_hf_sliding_window_type_and_layer_index_stay_with_the_position():
     assert got.scores == pytest.approx(reference_scores(model, ids, pairs), rel=1e-4, abs=1e-7)
     layer_idx = [view.blocks[l].self_attn.layer_idx for l in range(3)]
     assert layer_idx == [0, 1, 2]  # running another block's weights never renumbers the modules
+
+
+def test_blocks_with_different_weight_layouts_are_not_swapped():
+    """Qwen2-MoE with a dense first block: pairs with it score NaN, the MoE pair is measured."""
+    torch.manual_seed(0)
+    cfg = T.Qwen2MoeConfig(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32, num_experts=4,
+                           num_experts_per_tok=2, moe_intermediate_size=8, shared_expert_intermediate_size=8,
+                           mlp_only_layers=[0], initializer_range=0.25)
+    model = T.AutoModelForCausalLM.from_config(cfg).eval()
+    ids = torch.randint(0, V, (2, 6), generator=torch.Generator().manual_seed(1))
+    got = permutation_scores(model, ids, pairs="all")
+    assert math.isnan(got.scores[0]) and math.isnan(got.scores[1])
+    assert got.scores[2] == pytest.approx(reference_scores(model, ids, [(1, 2)])[0], rel=1e-4, abs=1e-7)
+    assert got.mean_score == pytest.approx(got.scores[2])

@@ -3,6 +3,10 @@
 Both resume from the cached stream instead of re-running the model: skipping block s restarts from h_s at position
 s+1, swapping blocks a < b restarts from h_a. Block updates are read from the engine (the stream entering and
 leaving each position), never from HF ``hidden_states``, so the matrix rows and columns are the blocks themselves.
+A swap exchanges only the blocks' weights: what belongs to a position — LayerNorm Scaling's 1/sqrt(l+1), the Mix-LN
+placement, the layer index of RoPE/KV cache, a sliding-window type, the call's masks — stays there (SPEC §1,
+`depthlab.model.view`). Blocks with different weight layouts (a dense block and an MoE block) cannot exchange
+positions; their pairs score NaN.
 """
 
 from __future__ import annotations
@@ -73,11 +77,11 @@ class PermutationScores(Result):
     pairs: list[list[int]]
     """The swapped pairs (a, b), a < b."""
     scores: list[float]
-    """P(a,b) = |L_swap − L_0| / L_0 for each pair."""
+    """P(a,b) = |L_swap − L_0| / L_0 for each pair; NaN (null) where the blocks' weight layouts differ."""
     swapped_losses: list[float]
     baseline_loss: float
     mean_score: float
-    """Mean over the pairs: higher means blocks are less interchangeable."""
+    """Mean over the measured pairs: higher means blocks are less interchangeable."""
     matrix: list[list[float]]
     """scores placed at [a][b] and [b][a]; NaN (null) for pairs not measured."""
 
@@ -108,12 +112,15 @@ def permutation_scores(model, input_ids, *, pairs="all", micro_batch_size: int =
     chosen = resolve_pairs(pairs, L)
     if not chosen:
         raise AnalysisError("permutation scores need at least one pair of blocks (the model has one block)")
+    measured = [i for i, (a, b) in enumerate(chosen) if eng.stack.swappable(a, b)]
     base_sum = 0.0
-    swap_sum = torch.zeros(len(chosen), dtype=torch.float64)
-    with tqdm(total=eng.num_batches * len(chosen), desc="permutation", disable=not progress, leave=False) as bar:
+    swap_sum = torch.full((len(chosen),), torch.nan, dtype=torch.float64)
+    swap_sum[measured] = 0.0
+    with tqdm(total=eng.num_batches * len(measured), desc="permutation", disable=not progress, leave=False) as bar:
         for base in eng.baselines():
             base_sum += base.nll.double().sum().item()
-            for i, (a, b) in enumerate(chosen):
+            for i in measured:
+                a, b = chosen[i]
                 h_last = eng.resume(base, a, base.hs[a], plan={a: b, b: a})
                 swap_sum[i] += eng.token_nll(h_last, base.ids).double().sum()
                 bar.update()
@@ -125,4 +132,4 @@ def permutation_scores(model, input_ids, *, pairs="all", micro_batch_size: int =
     for (a, b), p in zip(chosen, scores):
         matrix[a, b] = matrix[b, a] = p
     return PermutationScores([list(p) for p in chosen], scores.tolist(), losses.tolist(), loss0,
-                             scores.mean().item(), matrix.tolist())
+                             scores.nanmean().item(), matrix.tolist())
