@@ -47,5 +47,6 @@ def llama(tokenizer):
 
 @pytest.fixture(scope="session")
 def all_task_requests():
-    """The first 2 examples of every task, flattened to requests: every prompt format in one list."""
-    return list(itertools.chain.from_iterable(ex.requests for name in TASKS for ex in load_examples(name, 2)))
+    """The first 2 examples of every multiple-choice task, flattened to requests: every prompt format in one list."""
+    return list(itertools.chain.from_iterable(ex.requests for name, task in TASKS.items()
+                                              if task.generation is None for ex in load_examples(name, 2)))

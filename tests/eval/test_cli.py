@@ -41,19 +41,36 @@ def test_eval_writes_results_and_samples(model_dirs, tmp_path, capsys):
     assert code == 0, err
     assert "copa" in out and "average" in out and "perplexity" in out
     results = json.loads((tmp_path / "res" / "results.json").read_text())
-    assert set(results["results"]) == {"copa", "arc_easy"}
+    assert set(results["results"]) == {"copa", "arc_easy", "average"} and results["n-shot"]["copa"] == 0
     assert results["perplexity"]["tokens"] > 0 and results["config"]["model"] == str(model_dirs / "tiny")
     assert len((tmp_path / "res" / "samples_arc_easy.jsonl").read_text().splitlines()) == 3
 
 
+def test_few_shot_and_generative_from_the_cli(model_dirs, tmp_path, capsys):
+    code, out, err = run_cli(capsys, model_dirs / "tiny", "--tasks", "mmlu,basic_arithmetic", "--limit", 2,
+                             "--num-fewshot", 2, "--out", tmp_path, "--quiet")
+    assert code == 0, err
+    header, *rows = out.splitlines()[:4]
+    assert header.split()[:6] == ["task", "split", "shots", "n", "acc", "(%)"] and "exact_match" in header
+    assert rows[0].split()[:4] == ["mmlu", "validation", "2", "2"]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["configs"]["mmlu"]["num_fewshot"] == 2 and "exact_match,remove_whitespace" in \
+        results["results"]["basic_arithmetic"]
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--tasks", "piqa,hellaswag"], "unknown task(s) hellaswag; valid tasks: arc_easy"),
+    (["--tasks", "piqa", "--num-fewshot", "-1"], "the number of few-shot examples must be >= 0, got -1"),
+    (["--tasks", "copa,mmlu", "--num-fewshot", "6"], "mmlu allows at most 5 few-shot examples (its dev split"),
+    (["--tasks", "cb", "--num-fewshot", "56"], "cb allows at most 55 few-shot examples"),
     (["--tasks", "piqa", "--limit", "0"], "--limit must be a positive number"),
     (["--tasks", "piqa", "--log-samples"], "--log-samples writes files: give --out DIR"),
 ])
-def test_bad_arguments(model_dirs, capsys, argv, message):
-    code, _out, err = run_cli(capsys, model_dirs / "tiny", *argv)
+def test_bad_arguments(model_dirs, capsys, tmp_path, argv, message):
+    out = [] if "--log-samples" in argv else ["--out", tmp_path / "res"]
+    code, _out, err = run_cli(capsys, model_dirs / "tiny", *argv, *out)
     assert code == 2 and message in error_line(err)
+    assert not (tmp_path / "res").exists()  # nothing written
 
 
 def test_model_without_tokenizer(model_dirs, capsys):

@@ -78,7 +78,7 @@ def test_norm_lengths_are_choice_characters():
 def test_every_bundled_file_loads_completely():
     counts = {"arc_easy": 570, "arc_challenge": 299, "piqa": 1838, "sciq": 1000, "winogrande": 1267,
               "openbookqa": 500, "boolq": 3270, "copa": 100, "commonsense_qa": 1221, "social_iqa": 1954,
-              "mmlu": 1531, "rte": 277, "cb": 56, "mrpc": 408, "sst2": 872}
+              "mmlu": 1531, "rte": 277, "cb": 56, "mrpc": 408, "sst2": 872, "nq_open": 3610, "basic_arithmetic": 3000}
     assert {name: len(load_examples(name)) for name in TASKS} == counts
 
 
@@ -91,7 +91,7 @@ def test_limit_is_the_first_n_examples():
 def test_resolve_tasks():
     assert resolve_tasks("all") == list(TASKS)
     assert resolve_tasks("piqa, copa,piqa") == ["piqa", "copa"]
-    with pytest.raises(EvalError, match="unknown task.*hellaswag.*valid tasks: arc_easy.*sst2"):
+    with pytest.raises(EvalError, match="unknown task.*hellaswag.*valid tasks: arc_easy.*basic_arithmetic"):
         resolve_tasks("piqa,hellaswag")
 
 
@@ -107,26 +107,106 @@ def test_malformed_file_names_file_and_line(monkeypatch, tmp_path, line, message
         load_examples("piqa")
 
 
-def test_same_requests_and_answers_as_lm_eval():
-    """Our requests and gold answers equal those lm-eval builds from its own task configs, for the first 40
-    documents of every task (the whole files agree too; that takes minutes)."""
-    pytest.importorskip("lm_eval")
+def test_generative_prompts():
+    nq = load_examples("nq_open", 1)[0]
+    assert nq.context == "Answer these questions:\n\nQ: when was the last time anyone was on the moon?\nA:"
+    assert nq.answers == ("14 December 1972 UTC", "December 1972")
+    arithmetic = load_examples("basic_arithmetic", 1)[0]
+    assert arithmetic.context == "Calculate 5 + 91 =" and arithmetic.answers == ("96",)
+
+
+def test_mmlu_shots_are_the_first_dev_questions_of_the_subject():
+    ex = load_examples("mmlu", 1, num_fewshot=2)[0]
+    context = ex.requests[0][0]
+    header = "The following are multiple choice questions (with answers) about abstract algebra.\n\n"
+    assert context.startswith(header + "Find all c in Z_3 such that Z_3[x]/(x^2 + c) is a field.\nA. 0\nB. 1\n"
+                                       "C. 2\nD. 3\nAnswer: B\n\nStatement 1 | If aH")
+    assert context.count("Answer:") == 3 and context.count(header) == 1
+    assert context.endswith(load_examples("mmlu", 1)[0].requests[0][0].removeprefix(header))
+
+
+def test_seeded_shots_leave_out_the_document_itself():
+    """Shots come from the same split without the evaluated document, reproducibly for a seed."""
+    zero = load_examples("copa", 20)
+    three = load_examples("copa", 20, num_fewshot=3)
+    assert three == load_examples("copa", 20, num_fewshot=3, seed=1234)
+    assert three != load_examples("copa", 20, num_fewshot=3, seed=1)
+    for bare, shot in zip(zero, three):
+        context = shot.requests[0][0]
+        assert context.endswith("\n\n" + bare.requests[0][0]) and context.count("\n\n") == 3
+        for doc in context.split("\n\n")[:3]:  # an answered shot: the question, the delimiter, its gold choice
+            assert doc != bare.requests[0][0] + bare.requests[bare.gold][1]
+    # cb has 56 documents: 55 shots are all the others, whatever the draw
+    for bare, shot in zip(load_examples("cb", 3), load_examples("cb", 3, num_fewshot=55)):
+        answered = bare.requests[0][0] + bare.requests[bare.gold][1] + "\n\n"
+        assert shot.requests[0][0].count("\nAnswer: ") == 55 and answered not in shot.requests[0][0]
+
+
+@pytest.mark.parametrize("task,k,message", [
+    ("copa", -1, "must be >= 0, got -1"),
+    ("mmlu", 6, r"mmlu allows at most 5 few-shot examples \(its dev split has 5 examples per subject\), got 6"),
+    ("cb", 56, r"cb allows at most 55 few-shot examples \(its shots come from its own validation split of 56"),
+])
+def test_impossible_few_shot_counts(task, k, message):
+    with pytest.raises(EvalError, match=message):
+        load_examples(task, 1, num_fewshot=k)
+
+
+def _lm_eval_prompts(names: list[str], limit: int, num_fewshot: int) -> dict[str, list[tuple]]:
+    """lm-eval's own requests and gold answers per lm-eval task, in document order, from its shipped configs on our
+    files, with its few-shot sampler seeded as simple_evaluate seeds it."""
     from lm_eval.tasks import TaskManager
 
     from depthlab.eval.lmeval import write_task_configs
 
     with tempfile.TemporaryDirectory() as folder:
-        manager = TaskManager(include_path=str(write_task_configs(list(TASKS), folder)), include_defaults=False)
-        task_objects = manager.load(list(TASKS))["tasks"]
-    for name, task in task_objects.items():
-        task.build_all_requests(limit=40, rank=0, world_size=1)
-        theirs: dict[int, list] = {}
+        configs, lm_names = write_task_configs(names, folder, limit)
+        manager = TaskManager(include_path=str(configs), include_defaults=False)
+        task_objects = manager.load(lm_names)["tasks"]
+    out: dict[str, list[tuple]] = {}
+    for name, task in sorted(task_objects.items()):
+        task.set_config(key="num_fewshot", value=num_fewshot)
+        task.set_fewshot_seed(seed=1234)
+        task.build_all_requests(limit=limit, rank=0, world_size=1)
+        by_doc: dict[int, list] = {}
         for inst in task.instances:
-            theirs.setdefault(inst.doc_id, []).append((inst.idx, tuple(inst.arguments)))
-        docs = list(task.eval_docs)[:40]
-        for i, ex in enumerate(load_examples(name, 40)):
-            assert ex.requests == tuple(args for _, args in sorted(theirs[i])), (name, i)
-            gold = task.doc_to_text(docs[i]) if task.multiple_input else task.doc_to_target(docs[i])
+            by_doc.setdefault(inst.doc_id, []).append((inst.idx, inst.arguments))
+        docs = list(task.eval_docs)
+        rows = []
+        for doc_id, requests in sorted(by_doc.items()):
+            arguments = [args for _, args in sorted(requests, key=lambda r: r[0])]
+            if task.OUTPUT_TYPE == "generate_until":
+                target = task.doc_to_target(docs[doc_id])
+                rows.append((arguments[0][0], tuple(target) if isinstance(target, list) else (target,),
+                             tuple(arguments[0][1]["until"])))
+                continue
+            gold = task.doc_to_text(docs[doc_id]) if task.multiple_input else task.doc_to_target(docs[doc_id])
             if isinstance(gold, str):
-                gold = task.doc_to_choice(docs[i]).index(gold)
-            assert ex.gold == gold, (name, i)
+                gold = task.doc_to_choice(docs[doc_id]).index(gold)
+            rows.append((tuple(tuple(a) for a in arguments), gold))
+        out[name] = rows
+    return out
+
+
+@pytest.mark.parametrize("num_fewshot", [0, 3])
+def test_same_prompts_and_answers_as_lm_eval(num_fewshot):
+    """Our requests, generation prompts, stop strings and answers equal those lm-eval builds from its own task
+    configs for the first 30 documents of every task, zero-shot and 3-shot (shots chosen by its seeded sampler;
+    MMLU's from the subject's dev questions). The whole files agree zero-shot too; that takes minutes."""
+    pytest.importorskip("lm_eval")
+    limit = 30
+    from depthlab.eval.lmeval import _subjects
+
+    theirs = _lm_eval_prompts(list(TASKS), limit, num_fewshot)
+    # lm-eval builds the first `limit` documents of every MMLU subject: keep, in file order, the ones we score
+    theirs["mmlu"] = [row for s, idx in _subjects(limit).items() for row in theirs.pop(f"mmlu_{s}")[:len(idx)]]
+    assert set(theirs) == set(TASKS)
+    for name, task in TASKS.items():
+        ours, rows = load_examples(name, limit, num_fewshot), theirs[name]
+        assert len(rows) == len(ours), name
+        for i, (ex, ref) in enumerate(zip(ours, rows)):
+            if task.generation is not None:
+                assert (ex.context, ex.answers) == ref[:2], (name, i)
+                assert task.generation.until == ref[2][:len(task.generation.until)], name
+            else:
+                assert (ex.requests, ex.gold) == ref, (name, i)

@@ -1,4 +1,4 @@
-"""`depthlab eval`: perplexity and zero-shot downstream accuracy of any model (a thin layer over depthlab.eval)."""
+"""`depthlab eval`: perplexity and downstream scores of any model (a thin layer over depthlab.eval)."""
 
 from __future__ import annotations
 
@@ -11,15 +11,20 @@ from depthlab.eval.tasks import TASKS
 def register(sub, help_: str) -> None:
     p = sub.add_parser(
         "eval", help=help_,
-        description="Zero-shot multiple-choice accuracy (acc, acc_norm, standard errors, macro average) with "
-                    "lm-evaluation-harness's prompt formats, and perplexity / bits-per-byte on held-out text. "
-                    f"Tasks: {', '.join(TASKS)}.",
+        description="Multiple-choice accuracy (acc, acc_norm) and generative exact match, zero- or few-shot, with "
+                    "lm-evaluation-harness's prompts and results layout, and perplexity / bits-per-byte on held-out "
+                    f"text. Tasks: {', '.join(TASKS)}.",
         epilog="examples: depthlab eval smollm2 --tasks piqa,arc_easy --limit 200 | "
+               "depthlab eval smollm2 --tasks mmlu --num-fewshot 5 | "
                "depthlab eval runs/l8 --tasks all --ppl-data shakespeare --out results/l8")
     common.add_model(p)
     p.add_argument("--tasks", help="comma-separated task names or 'all' (default: all, unless only --ppl-data is "
                    "given)")
     p.add_argument("--limit", type=int, help="score only the first N examples of each task (a fixed subset)")
+    p.add_argument("--num-fewshot", type=int, default=0, metavar="K",
+                   help="answered examples before each prompt (default 0; mmlu: the first K dev questions of the "
+                   "subject, at most 5; others: K other documents of the split, chosen with --seed)")
+    common.add_seed(p, "seed of the few-shot choice (lm-eval's default)", default=1234)
     p.add_argument("--ppl-data", help="also measure perplexity on: 'shakespeare' (bundled held-out plays), a "
                    "prepared dataset folder (its val split), or a .txt/.jsonl/.parquet file")
     p.add_argument("--ppl-context", type=int, help="perplexity window in tokens (default: the model's context)")
@@ -34,7 +39,8 @@ def register(sub, help_: str) -> None:
     common.add_out(p, "folder for results.json (and samples_<task>.jsonl with --log-samples)")
     common.add_json(p, "results.json")
     common.add_quiet(p)
-    p.add_argument("--log-samples", action="store_true", help="also write each example's log-likelihoods")
+    p.add_argument("--log-samples", action="store_true", help="also write each example's log-likelihoods or "
+                   "generation")
     p.add_argument("--backend", choices=["depthlab", "lm-eval"], default="depthlab",
                    help="scorer: depthlab's (default) or lm-evaluation-harness on the same model and data")
     p.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own Python code")
@@ -44,11 +50,12 @@ def register(sub, help_: str) -> None:
 def run(args) -> int:
     from depthlab.errors import EvalError
     from depthlab.eval import evaluate, format_table, save_results
-    from depthlab.eval.tasks import resolve_tasks
+    from depthlab.eval.tasks import check_fewshot, resolve_tasks
 
     tasks = args.tasks or (None if args.ppl_data else "all")
-    if tasks is not None:
-        resolve_tasks(tasks)  # fail on a bad task name before spending time loading the model
+    # fail on a bad task name or few-shot count before spending time loading the model
+    for name in resolve_tasks(tasks) if tasks is not None else []:
+        check_fewshot(name, args.num_fewshot)
     for flag, value, unit in (("--limit", args.limit, "examples"), ("--ppl-context", args.ppl_context, "tokens"),
                               ("--ppl-stride", args.ppl_stride, "tokens")):
         if value is not None and value < 1:  # 0 would otherwise silently mean "the default"
@@ -66,11 +73,12 @@ def run(args) -> int:
     if args.backend == "lm-eval":
         from depthlab.eval.lmeval import evaluate_lmeval
 
-        results = evaluate_lmeval(model, tokenizer, tasks, limit=args.limit, batch_size=args.batch_size,
-                                  log_samples=args.log_samples)
+        results = evaluate_lmeval(model, tokenizer, tasks, limit=args.limit, num_fewshot=args.num_fewshot,
+                                  fewshot_seed=args.seed, batch_size=args.batch_size, log_samples=args.log_samples)
     else:
-        results = evaluate(model, tokenizer, tasks, limit=args.limit, batch_size=args.batch_size,
-                           max_batch_tokens=args.max_batch_tokens, ppl_data=args.ppl_data, ppl_context=args.ppl_context, ppl_stride=args.ppl_stride,
+        results = evaluate(model, tokenizer, tasks, limit=args.limit, num_fewshot=args.num_fewshot,
+                           fewshot_seed=args.seed, batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens,
+                           ppl_data=args.ppl_data, ppl_context=args.ppl_context, ppl_stride=args.ppl_stride,
                            log_samples=args.log_samples, progress=progress, model_name=args.model)
     path = save_results(results, args.out) if args.out else None
     if common.emit_json(args, {k: v for k, v in results.items() if k != "samples"}):

@@ -258,7 +258,7 @@ def _measure(model, tokenizer, eval_ids, tasks, limit) -> dict:
 
         res = evaluate(model, tokenizer, tasks, limit=limit)
         row["tasks"] = {t: {k: v for k, v in r.items() if k.startswith(("acc", "acc_norm"))}
-                        for t, r in res["results"].items()}
+                        for t, r in res["results"].items() if t not in res["groups"]}  # lm-eval lists groups too
         row["average_acc"] = res["groups"]["average"].get("acc,none")
     return row
 
