@@ -9,7 +9,7 @@ Layout::
     RUN/checkpoints/step_N/    complete checkpoints, oldest first (format and atomicity: `depthlab.checkpoint`)
     RUN/.lock                  present while a process writes RUN
 
-The lock is an advisory ``flock`` on ``.lock``, which also records the holder (command, pid, host, start time) for
+The lock (`folder_lock`, also used for analysis and study-run folders) is an advisory ``flock`` on ``.lock``, which also records the holder (command, pid, host, start time) for
 the message a second writer gets. The kernel drops the lock when its holder dies, so a lock left by a killed process
 is stale by construction: the next writer takes it without asking. It is not meant for network filesystems whose
 ``flock`` is not shared between hosts.
@@ -109,29 +109,50 @@ class RunDir:
         """Its newest checkpoint has reached `max_steps`."""
         return self.latest_step() >= max_steps
 
-    @contextlib.contextmanager
-    def lock(self, command: str) -> Iterator[RunDir]:
-        """Hold the run's lock while writing it (creating the folder if needed); a second writer is refused.
-
-        A folder that this call created and that is still empty when the lock is released is removed again, so a
-        command that stops on a bad input leaves nothing behind.
-        """
-        check_out(self.path)
-        created = [p for p in (self.path, *self.path.parents) if not p.exists()]
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            with _locked(self.lock_path, self.path, command):
-                yield self
-        finally:
-            for folder in created:  # deepest first
-                try:
-                    folder.rmdir()
-                except OSError:
-                    break
+    def lock(self, command: str) -> contextlib.AbstractContextManager[Path]:
+        """Hold the run's lock while writing it: `folder_lock` on the run folder."""
+        return folder_lock(self.path, command)
 
 
 def is_checkpoint(path: str | Path) -> bool:
     return (Path(path) / ckpt.META_FILE).exists()
+
+
+_HELD: dict[Path, int] = {}
+"""Folders this process has locked (with a count): taking a held lock again (a study run's trainer) is a no-op."""
+
+
+@contextlib.contextmanager
+def folder_lock(path: str | Path, command: str) -> Iterator[Path]:
+    """Hold ``PATH/.lock`` while writing `path` (creating the folder if needed); a second writer is refused in one line.
+
+    A folder that this call created and that is still empty when the lock is released is removed again, so a
+    command that stops on a bad input leaves nothing behind. Re-entrant within one process.
+    """
+    path = check_out(path)
+    key = Path(os.path.realpath(path))
+    if key in _HELD:
+        _HELD[key] += 1
+        try:
+            yield path
+        finally:
+            _HELD[key] -= 1
+        return
+    created = [p for p in (path, *path.parents) if not p.exists()]
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with _locked(path / RunDir.LOCK, path, command):
+            _HELD[key] = 1
+            try:
+                yield path
+            finally:
+                del _HELD[key]
+    finally:
+        for folder in created:  # deepest first
+            try:
+                folder.rmdir()
+            except OSError:
+                break
 
 
 @contextlib.contextmanager

@@ -130,8 +130,11 @@ def _resume(out: Path, identity: dict) -> dict:
         return {}
     try:
         previous = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}  # torn by a kill: recompute
+    if not (isinstance(previous, dict) and all(isinstance(previous.get(k, {}), dict) for k in ("model", "sample"))):
+        raise AnalysisError(f"{path} is not a depthlab results file (it holds a JSON {type(previous).__name__}): "
+                            "choose another --out rather than overwrite it")
     same = (previous.get("model", {}).get("weights_sha256") == identity["model"]["weights_sha256"]
             and previous.get("sample", {}).get("token_sha256") == identity["sample"].get("token_sha256")
             and previous.get("settings") == to_jsonable(identity["settings"]))

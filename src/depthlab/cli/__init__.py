@@ -85,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         resolve_machine(args)
+        if getattr(args, "out", None) is not None:  # "", "/", a file, a read-only place: refused before any work
+            fileio.check_out(args.out, folder=args.command != "recipe")
         with terminate_as_interrupt():
             return int(args.func(args) or 0)
     except DepthlabError as e:

@@ -21,6 +21,7 @@ from typing import Any
 
 from depthlab import config as cfgmod
 from depthlab.errors import StudyError
+from depthlab.rundir import RunDir
 from depthlab.study.report import read_run
 from depthlab.study.runner import read_json
 
@@ -31,9 +32,9 @@ def compare_runs(a: str | Path, b: str | Path) -> dict[str, Any]:
     """What differs between runs `a` and `b` and how they ended: a dict that `format_comparison` prints."""
     paths = [Path(a), Path(b)]
     for path in paths:
-        if not (path / "config.yaml").exists():
-            raise StudyError(f"{path} is not a run folder (no config.yaml)")
-    configs = [cfgmod.read_yaml(p / "config.yaml") for p in paths]
+        if not RunDir(path).started():
+            raise StudyError(f"{path} is not a run folder (no {RunDir.CONFIG})")
+    configs = [RunDir(p).read_config() for p in paths]
     records = [read_run(p) for p in paths]
     summaries = [(read_json(p / "analysis" / "results.json") or {}).get("summary", {}) for p in paths]
     final = {key: [r["values"].get(key) for r in records]

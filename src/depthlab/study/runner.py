@@ -34,11 +34,15 @@ from typing import Any
 
 import yaml
 
+from depthlab.checkpoint import checkpoint_name
 from depthlab.errors import StudyError
 from depthlab.fileio import atomic_write_text
+from depthlab.rundir import RunDir
 from depthlab.study.spec import StudySpec, check_dynamics, dynamics_steps, load_spec, spec_difference
 
 STATES = ("done", "running", "failed", "interrupted", "pending")
+LOCKED_EXIT = 75
+"""Exit code of a run process that found its run folder locked by another `study run` (EX_TEMPFAIL)."""
 DESCRIPTIVE = ("description:", "runtime:", "gpu_hours:")
 """Spec keys that do not change results: editing them does not make a study folder a different study."""
 
@@ -106,7 +110,7 @@ def run_state(run_dir: Path) -> str:
         return "interrupted"
     if (run_dir / "failed.json").exists():
         return "failed"
-    return "interrupted" if (run_dir / "config.yaml").exists() else "pending"
+    return "interrupted" if RunDir(run_dir).started() else "pending"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -199,7 +203,7 @@ def _train(run_dir: Path, info: dict) -> dict[str, Any]:
 
     cfg = cfgmod.from_dict(info["config"])
     cfg.logging.progress = False  # logs go to a file; the trainer still prints its evaluation lines
-    result = train(cfg, run_dir, resume=(run_dir / "config.yaml").exists())
+    result = train(cfg, run_dir, resume=RunDir(run_dir).started())
     return {"step": result.step, "tokens": result.tokens}
 
 
@@ -242,7 +246,7 @@ def _measure(run_dir: Path, info: dict, log) -> list[str]:
         from depthlab.analysis import run_analysis
 
         for step in steps:
-            checkpoint = run_dir / "checkpoints" / f"step_{step:06d}"
+            checkpoint = RunDir(run_dir).checkpoints_dir / checkpoint_name(step)
             if not checkpoint.is_dir():
                 raise StudyError(f"checkpoint {checkpoint} is gone (trainer.keep_last too small?): cannot measure "
                                  f"step {step} of the training dynamics")
@@ -400,6 +404,9 @@ def _run_pool(todo: list[Path], jobs: int, nproc_per_node: int, log) -> None:
 
 
 def _finish(folder: Path, returncode: int, seconds: float, log) -> None:
+    if returncode == LOCKED_EXIT:
+        log(f"skip   {folder.name} (running in another process)")
+        return
     if (folder / "done.json").exists():
         log(f"done   {folder.name} ({seconds:.0f}s)")
         return
@@ -426,12 +433,24 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1:
         print("usage: python -m depthlab.study.runner RUN_DIR", file=sys.stderr)
         return 2
-    try:
-        execute_run(argv[0])
-    except Exception as e:  # noqa: BLE001 (any error fails this run only; failed.json holds it)
-        print(f"run failed: {type(e).__name__}: {e}", file=sys.stderr)
-        traceback.print_exc()
-        return 1
+    import contextlib
+
+    from depthlab.errors import FileSystemError
+    from depthlab.rundir import folder_lock
+
+    with contextlib.ExitStack() as held:
+        try:
+            if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 holds it for all ranks
+                held.enter_context(folder_lock(argv[0], "study run"))
+        except FileSystemError as e:  # another `study run` is executing this run: leave it alone
+            print(f"run skipped: {e}", file=sys.stderr)
+            return LOCKED_EXIT
+        try:
+            execute_run(argv[0])
+        except Exception as e:  # noqa: BLE001 (any error fails this run only; failed.json holds it)
+            print(f"run failed: {type(e).__name__}: {e}", file=sys.stderr)
+            traceback.print_exc()
+            return 1
     return 0
 
 

@@ -182,11 +182,12 @@ def training_weight_decay(model) -> float | None:
     if checkpoint is None:
         return None
     from depthlab import config as cfgmod
+    from depthlab.rundir import RunDir
 
-    run_config = Path(checkpoint).parent.parent / "config.yaml"
-    if not run_config.exists():
+    run = RunDir.of(checkpoint)
+    if not run.started():
         return None
-    return cfgmod.from_dict(cfgmod.read_yaml(run_config)).optimizer.weight_decay
+    return cfgmod.from_dict(run.read_config()).optimizer.weight_decay
 
 
 def recipe_levers(shape: dict, weight_decay: float | None) -> list[dict]:

@@ -144,10 +144,11 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: Dist, stop) -> TrainR
 
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"--out {run_dir} is a file, not a run folder")
-    ckpt_dir = run_dir / "checkpoints"
+    run = RunDir(run_dir)
+    ckpt_dir = run.checkpoints_dir
     start_step, state = 0, None
     if resume:
-        if not (run_dir / "config.yaml").exists():
+        if not run.started():
             raise CheckpointError(f"nothing to resume: {run_dir} holds no depthlab run")
         _check_resume(run_dir, cfg)
         checkpoints = ckpt.list_checkpoints(ckpt_dir)
@@ -156,7 +157,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: Dist, stop) -> TrainR
             ckpt.verify(latest)
             state = ckpt.load_trainer_state(latest)
             start_step = state["step"]
-    elif ckpt.list_checkpoints(ckpt_dir) or (run_dir / "metrics.jsonl").exists():
+    elif run.checkpoints() or run.metrics_path.exists():
         raise ConfigError(f"{run_dir} already holds a run: pass --resume to continue it or choose another --out")
 
     check_fits(cfg, micro, device)
@@ -175,16 +176,16 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: Dist, stop) -> TrainR
     counts = param_counts(cfg.model)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        if not (run_dir / "tokenizer.json").exists():
+        atomic_write_text(run.config_path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        if not run.tokenizer_path.exists():
             dataset.tokenizer().save_pretrained(run_dir)
         G = cfg.model.n_heads // cfg.model.kv_heads
         print(f"depthlab {__version__} | L={cfg.model.n_layers} d={cfg.model.d_model} G={G} "
               f"T={cfg.model.seq_len} | {counts.summary()} | {dist.world_size} rank(s) on {device} "
               f"({str(resolve_dtype(t.dtype, device)).removeprefix('torch.')}) "
               f"| {'resuming at step ' + str(start_step) if start_step else 'from scratch'}")
-    metrics = JsonlLog(run_dir / "metrics.jsonl", start_step if resume else None, dist.is_main)
-    stats_log = JsonlLog(run_dir / "layer_stats.jsonl", start_step if resume else None, dist.is_main)
+    metrics = JsonlLog(run.metrics_path, start_step if resume else None, dist.is_main)
+    stats_log = JsonlLog(run.layer_stats_path, start_step if resume else None, dist.is_main)
     writers = _external_writers(cfg, run_dir) if dist.is_main else []
 
     train_tokens = dataset.split("train")
