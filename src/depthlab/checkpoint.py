@@ -64,8 +64,9 @@ def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(ckpt_dir: Path, step: int, weights: dict[str, torch.Tensor], trainer_state: dict[str, Any],
-                    keep_last: int) -> Path:
-    """Write checkpoint `step` (weights as from `model_state`) atomically, then prune to the newest `keep_last`."""
+                    keep_last: int, keep_every: int = 0) -> Path:
+    """Write checkpoint `step` (weights as from `model_state`) atomically, then prune to the newest `keep_last`
+    plus, with `keep_every` > 0, every step that is a multiple of it."""
     final = ckpt_dir / checkpoint_name(step)
     tmp = ckpt_dir / f"{final.name}.tmp"
     try:
@@ -93,7 +94,8 @@ def save_checkpoint(ckpt_dir: Path, step: int, weights: dict[str, torch.Tensor],
         raise CheckpointError(f"could not save checkpoint step {step} ({reason}); "
                               f"earlier checkpoints in {ckpt_dir} are intact") from None
     for old in list_checkpoints(ckpt_dir)[:-keep_last]:
-        _delete(old)
+        if not (keep_every and checkpoint_step(old) % keep_every == 0):
+            _delete(old)
     return final
 
 

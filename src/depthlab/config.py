@@ -207,6 +207,9 @@ class TrainerConfig:
     """Steps between checkpoints (and at the end); 0 saves only at the end."""
     keep_last: int = at_least(2, 1)
     """Number of most recent checkpoints to keep."""
+    keep_every: int = at_least(0, 0)
+    """Also keep every checkpoint whose step is a multiple of this, whatever keep_last says (0: none), e.g. for
+    `depthlab analyze RUN --checkpoints all` over training."""
     stats_interval: int = at_least(25, 0)
     """Steps between per-layer statistics lines in layer_stats.jsonl; 0 disables."""
     stats_moments: bool = False

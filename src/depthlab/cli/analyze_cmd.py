@@ -30,6 +30,10 @@ def register(sub, help_: str) -> None:
     p.add_argument("--micro-batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
     p.add_argument("--option", action="append", default=[], metavar="METRIC.KEY=VALUE",
                    help="a metric option, value parsed as JSON when possible (repeatable)")
+    p.add_argument("--checkpoints", default=None, metavar="all|STEPS",
+                   help="analyse a run's checkpoints (or a folder of model folders, e.g. HF checkpoint-N) on one "
+                   "fixed sample: 'all' or steps like 100,200; writes tracking.csv and figures over steps "
+                   "(default metrics usefulness,angular,lens,causal)")
     common.add_out(p, "output folder", default="analysis")
     common.add_json(p, "results.json")
     common.add_quiet(p)
@@ -54,6 +58,8 @@ def parse_options(items: list[str]) -> dict[str, dict]:
 
 
 def run(args) -> int:
+    if args.checkpoints is not None:
+        return _track(args)
     from depthlab.analysis.runner import format_summary, run_analysis
 
     results = run_analysis(args.model, args.out, metrics=args.metrics, data=args.data, num_samples=args.num_samples,
@@ -64,4 +70,19 @@ def run(args) -> int:
         return 0
     print(format_summary(results))
     print(f"results: {args.out}/results.json")
+    return 0
+
+
+def _track(args) -> int:
+    from depthlab.analysis.tracking import format_tracking, track_checkpoints
+
+    tracking = track_checkpoints(args.model, args.out, checkpoints=args.checkpoints, metrics=args.metrics,
+                                 data=args.data, num_samples=args.num_samples, seq_len=args.seq_len, seed=args.seed,
+                                 dtype=args.dtype, device=args.device, micro_batch_size=args.micro_batch_size,
+                                 options=parse_options(args.option), progress=not args.quiet,
+                                 log=(lambda _: None) if args.quiet else print)
+    if common.emit_json(args, tracking):
+        return 0
+    print(format_tracking(tracking))
+    print(f"results: {args.out}/tracking.json, tracking.csv, tracking.png")
     return 0

@@ -38,7 +38,7 @@ from depthlab.train.stats import LayerStats, block_norms
 
 # Keys that may differ between a run and its resumption (they do not change what is computed).
 RESUMABLE_DIFFERENCES = ("logging.", "trainer.device", "trainer.eval_interval", "trainer.save_interval",
-                         "trainer.keep_last", "trainer.log_interval", "trainer.compile")
+                         "trainer.keep_last", "trainer.keep_every", "trainer.log_interval", "trainer.compile")
 
 
 @dataclass
@@ -268,7 +268,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: Dist, stop) -> TrainR
             if dist.is_main:
                 saved = ckpt.save_checkpoint(ckpt_dir, step, weights, {
                     "step": step, "optimizer": optim_state, "rng_cpu": torch.get_rng_state(),
-                    "version": __version__}, keep_last=t.keep_last)
+                    "version": __version__}, keep_last=t.keep_last, keep_every=t.keep_every)
             dist.barrier()
         if stopping and step < t.max_steps:
             bar.close()
