@@ -64,3 +64,15 @@ def test_bad_settings(llama, tokenizer):
         generate_until(llama, tokenizer, PROMPTS, until=("\n",), max_gen_toks=256)
     with pytest.raises(EvalError, match=">= 1"):
         generate_until(llama, tokenizer, PROMPTS, until=("\n",), max_gen_toks=4, batch_size=0)
+
+
+def test_short_context_models_generate_in_half_their_context(depthlab_model, tokenizer):
+    """nq_open's 256-token budget does not fit a 64-token model: it generates at most 32 tokens after the last 32
+    of the prompt, as a direct call with that budget does."""
+    from depthlab.eval import evaluate
+    from depthlab.eval.tasks import load_examples
+
+    out = evaluate(depthlab_model, tokenizer, "nq_open", limit=2, num_fewshot=1, log_samples=True)
+    prompts = [q.context for q in load_examples("nq_open", 2, num_fewshot=1)]
+    expected = generate_until(depthlab_model, tokenizer, prompts, until=("\n", ".", ","), max_gen_toks=32)
+    assert [s["generation"] for s in out["samples"]["nq_open"]] == expected

@@ -60,8 +60,8 @@ class Doc:
     def answered(self) -> str:
         """The document as a shot: its question, the target delimiter and its gold answer (lm-eval's
         ``doc_to_text + target_delimiter + doc_to_target``)."""
-        i = min(self.gold, len(self.contexts) - 1), min(self.gold, len(self.answers) - 1)
-        return self.contexts[i[0]] + DELIMITER + self.answers[i[1]]
+        context = self.contexts[min(self.gold, len(self.contexts) - 1)]
+        return context + DELIMITER + self.answers[min(self.gold, len(self.answers) - 1)]
 
 
 @dataclass(frozen=True)
