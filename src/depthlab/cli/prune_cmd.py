@@ -14,9 +14,14 @@ def register(sub, help_: str) -> None:
         "(usefulness: lowest loss ratio under linear replacement; angular: Gromov et al.'s closest N-block window); "
         "--drop 3,5-7 names them. The pruned model is saved as a standard Hugging Face folder (a depthlab run "
         "folder for depthlab models without a standard architecture), with perplexity on further held-out windows "
-        "and optional zero-shot accuracy before and after, in DIR/prune_report.json.")
+        "and optional zero-shot accuracy before and after, in DIR/prune_report.json.\n\n--unit attn|mlp removes only "
+        "the attention or MLP/MoE sub-layer of the chosen blocks (--drop auto: those whose removal raises the loss "
+        "least) by zeroing its weights, so the saved model is a standard one that plain transformers loads; it is "
+        "no smaller and no faster.")
     common.add_model(p)
     p.add_argument("--drop", required=True, metavar="auto|LIST", help="'auto' or block indices like 3,5-7")
+    p.add_argument("--unit", choices=("block", "attn", "mlp"), default="block",
+                   help="what to remove from each chosen block (default: the whole block)")
     p.add_argument("--n", type=int, default=None, help="blocks to drop with --drop auto (default: a quarter)")
     p.add_argument("--method", choices=("usefulness", "angular"), default="usefulness",
                    help="how --drop auto chooses (default usefulness)")
@@ -45,7 +50,7 @@ def run(args) -> int:
     report = prune_model(args.model, args.drop, args.out, n=args.n, method=args.method, tasks=args.tasks,
                          limit=args.limit, num_samples=args.num_samples, seq_len=args.seq_len,
                          eval_samples=args.eval_samples, seed=args.seed, data=args.data, dtype=args.dtype,
-                         device=args.device, progress=not args.quiet, overwrite=args.overwrite)
+                         device=args.device, progress=not args.quiet, overwrite=args.overwrite, unit=args.unit)
     if common.emit_json(args, report):
         return 0
     print(format_report(report))

@@ -39,6 +39,8 @@ PER_LAYER_CONFIG = ("layer_types", "no_rope_layers")
 """Hugging Face config lists with one entry per layer, subset along with the blocks."""
 LAYER_INDEX_CONFIG = ("mlp_only_layers",)
 """Hugging Face config lists of layer indices, renumbered to the kept blocks."""
+UNITS = ("block", "attn", "mlp")
+"""What `prune` removes: whole blocks, or the attention / MLP (MoE) sub-layer of each chosen block."""
 
 
 class PruneError(DepthlabError):
@@ -102,12 +104,68 @@ def select_blocks(model, drop, *, input_ids: torch.Tensor | None = None, n: int 
     return Selection(window["blocks"], method, [window["distance"]])
 
 
-def prune(model, drop, *, input_ids: torch.Tensor | None = None, n: int | None = None, method: str = "usefulness",
-          progress: bool = False) -> tuple[nn.Module, Selection]:
-    """A copy of `model` without the dropped blocks (see the module docstring), and how they were chosen.
+def select_branches(model, drop, unit: str, *, input_ids: torch.Tensor | None = None, n: int | None = None,
+                    method: str = "usefulness", progress: bool = False) -> Selection:
+    """Resolve `drop` to the blocks whose `unit` ("attn" | "mlp") sub-layer is removed; ``auto`` takes the n blocks
+    whose sub-layer removal raises the loss least (`depthlab.analysis.branches`)."""
+    L = ModelView(model).n_layers
+    if drop != "auto":
+        chosen = parse_blocks(drop, L) if isinstance(drop, str) else _checked(sorted({int(b) for b in drop}), L)
+        return Selection(chosen, "list")
+    if method != "usefulness":
+        raise PruneError(f"--method {method} selects whole blocks; with --unit {unit}, --drop auto ranks the "
+                         "sub-layers by the loss ratio of removing each")
+    n = max(1, L // 4) if n is None else n
+    if not 1 <= n < L:
+        raise PruneError(f"--n must be between 1 and {L - 1} for a {L}-block model, got {n}")
+    if input_ids is None:
+        raise PruneError("drop='auto' needs a calibration sample (input_ids)")
+    from depthlab.analysis.branches import branch_effects
+
+    effects = branch_effects(model, input_ids, progress=progress)
+    ratios = effects.attn_removed if unit == "attn" else effects.ffn_removed
+    return Selection(sorted(sorted(range(L), key=ratios.__getitem__)[:n]), "removal", ratios)
+
+
+def zero_branches(model: nn.Module, unit: str, layers: list[int]) -> nn.Module:
+    """A copy of `model` whose `unit` sub-layers ("attn" | "mlp", MoE included) in `layers` output exactly zero.
+
+    Every parameter of the sub-layer is zeroed (an attention with zero q/k/v/o weights and biases outputs 0, an MLP or
+    MoE with zero weights outputs 0), and so is any norm the block applies to the sub-layer's output (OLMo-2,
+    Peri-LN), so the saved model is a standard one that plain `transformers` loads. The weights stay in the file:
+    the model is no smaller and runs no faster. Hugging Face configs record it as ``depthlab_zeroed``.
+    """
+    pruned = copy.deepcopy(model)
+    view = ModelView(pruned)
+    name = "attn" if unit == "attn" else "ffn"
+    with torch.no_grad():
+        for l in layers:
+            sub = view.sublayer(l, name)
+            if sub is None:
+                raise PruneError(f"block {l} ({type(view.blocks[l]).__name__}) has no {unit} sub-layer to remove")
+            branch = view.branch(l, name)
+            for module in {sub, branch.module} if branch is not None else {sub}:
+                for p in module.parameters():
+                    p.zero_()
+    if not view.native:
+        zeroed = dict(getattr(pruned.config, "depthlab_zeroed", None) or {})
+        zeroed[unit] = sorted(set(zeroed.get(unit, [])) | set(layers))
+        pruned.config.depthlab_zeroed = zeroed
+    return pruned.eval()
+
+
+def prune(model, drop, *, unit: str = "block", input_ids: torch.Tensor | None = None, n: int | None = None,
+          method: str = "usefulness", progress: bool = False) -> tuple[nn.Module, Selection]:
+    """A copy of `model` without the dropped blocks (see the module docstring) — or, with `unit` "attn" | "mlp",
+    with those blocks' attention / MLP sub-layers zeroed (`zero_branches`) — and how they were chosen.
 
     The original model is left untouched. Works for depthlab Transformers and Hugging Face causal LMs.
     """
+    if unit not in UNITS:
+        raise PruneError(f"unknown unit {unit!r}; choose {', '.join(UNITS)}")
+    if unit != "block":
+        selection = select_branches(model, drop, unit, input_ids=input_ids, n=n, method=method, progress=progress)
+        return zero_branches(model, unit, selection.dropped), selection
     selection = select_blocks(model, drop, input_ids=input_ids, n=n, method=method, progress=progress)
     view = ModelView(model)
     kept = [l for l in range(view.n_layers) if l not in selection.dropped]
@@ -266,7 +324,7 @@ def _measure(model, tokenizer, eval_ids, tasks, limit) -> dict:
 def prune_model(model: str | Path, drop, out: str | Path, *, n: int | None = None, method: str = "usefulness",
                 tasks: str | None = None, limit: int | None = None, num_samples: int = 8, seq_len: int = 128,
                 eval_samples: int = 8, seed: int = 0, data=None, dtype: str = "auto", device: str = "cpu",
-                progress: bool = False, overwrite: bool = False) -> dict:
+                progress: bool = False, overwrite: bool = False, unit: str = "block") -> dict:
     """What `depthlab prune` does: load, choose, prune, measure before/after, save; returns the report.
 
     Calibration (for drop="auto") and perplexity use disjoint windows of one seeded held-out sample: the first
@@ -280,19 +338,22 @@ def prune_model(model: str | Path, drop, out: str | Path, *, n: int | None = Non
 
     if eval_samples < 1:
         raise PruneError(f"eval_samples must be >= 1, got {eval_samples}")
+    if unit not in UNITS:
+        raise PruneError(f"unknown unit {unit!r}; choose {', '.join(UNITS)}")
     protect = [model] if Path(str(model)).exists() else []
     check_folder_target(out, overwrite=overwrite, protect=protect)
     net, tokenizer = load_model(model, device=device, dtype=resolve_dtype(dtype, device))
     ids, sample = calibration_sample(tokenizer, text=data, num_samples=num_samples + eval_samples, seq_len=seq_len,
                                      seed=seed)
     calib, eval_ids = ids[:num_samples], ids[num_samples:]
-    pruned, selection = prune(net, drop, input_ids=calib, n=n, method=method, progress=progress)
+    pruned, selection = prune(net, drop, unit=unit, input_ids=calib, n=n, method=method, progress=progress)
     before = _measure(net, tokenizer, eval_ids, tasks, limit)
     after = _measure(pruned, tokenizer, eval_ids, tasks, limit)
     source_config = RunDir.of(net.checkpoint_path).read_config() if getattr(net, "checkpoint_path", None) else None
     kind = save_format(pruned)
     L = ModelView(net).n_layers
-    report = {"model": str(model), "n_layers_before": L, "n_layers_after": L - len(selection.dropped),
+    report = {"model": str(model), "unit": unit, "n_layers_before": L,
+              "n_layers_after": L - len(selection.dropped) if unit == "block" else L,
               "dropped": selection.dropped, "kept": [l for l in range(L) if l not in selection.dropped],
               "method": selection.method, "selection_scores": selection.scores, "saved_as": kind, "out": str(out),
               "sample": {**sample, "calibration_windows": num_samples, "eval_windows": eval_samples},
@@ -315,7 +376,9 @@ def format_report(report: dict) -> str:
                              f"{a['tasks'][task][metric]:.4f}"))
     if b.get("average_acc") is not None:
         rows.append(("average acc", f"{b['average_acc']:.4f}", f"{a['average_acc']:.4f}"))
-    lines = [(f"dropped blocks {report['dropped']} ({report['method']}); saved as {report['saved_as']} folder "
+    unit = report["unit"]
+    what = "dropped blocks" if unit == "block" else f"zeroed the {unit} sub-layer of blocks"
+    lines = [(f"{what} {report['dropped']} ({report['method']}); saved as {report['saved_as']} folder "
              f"{report['out']}"), "| | before | after |", "|---|---|---|"]
     lines += [f"| {name} | {x} | {y} |" for name, x, y in rows]
     return "\n".join(lines)
