@@ -56,3 +56,29 @@ def test_model_origin_and_block():
     age = datetime.datetime.now(datetime.timezone.utc) - datetime.datetime.fromisoformat(block["date"])
     assert datetime.timedelta(0) <= age < datetime.timedelta(minutes=5)
     assert command_line(["x.py", "it's"]) == "x.py 'it'\"'\"'s'"
+
+
+def test_every_results_file_carries_the_block(tiny_dataset, tmp_path, capsys):
+    import json
+
+    from depthlab.cli import main
+    from depthlab.train.trainer import train
+    from tests.conftest import tiny_config
+
+    run = tmp_path / "run"
+    train(tiny_config(tiny_dataset, "--trainer.max_steps=2"), run)
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(["the king of all the land o my lord"] * 200))
+    common = ["--num-samples", "4", "--seq-len", "16", "--data", str(text), "-q"]
+    assert main(["analyze", str(run), "--metrics", "variance", "--out", str(tmp_path / "a"), *common]) == 0
+    assert main(["doctor", str(run), "--json", str(tmp_path / "doctor.json"), *common]) == 0
+    assert main(["prune", str(run), "--drop", "1", "--eval-samples", "2", "--out", str(tmp_path / "p"), *common]) == 0
+    capsys.readouterr()
+    commands = {"results.json": "analyze", "doctor.json": "doctor", "prune_report.json": "prune"}
+    for path in (tmp_path / "a" / "results.json", tmp_path / "doctor.json", tmp_path / "p" / "prune_report.json"):
+        block = json.loads(path.read_text())["provenance"]
+        assert block["command"].split()[:2] == ["depthlab", commands[path.name]], block["command"]
+        assert block["device"] == "cpu" and block["dtype"] == "fp32" and block["versions"]["depthlab"], path
+        assert block["model"]["ref"] == str(run) and block["model"]["origin"] == "depthlab checkpoint, fp32", path
+    report = json.loads((tmp_path / "p" / "prune_report.json").read_text())
+    assert report["settings"]["seed"] == 0 and report["settings"]["drop"] == "1"

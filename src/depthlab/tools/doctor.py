@@ -42,6 +42,7 @@ from depthlab.data.calibration import token_sha256
 from depthlab.errors import AnalysisError
 from depthlab.fileio import atomic_write_text
 from depthlab.model.view import ModelView
+from depthlab.provenance import provenance
 from depthlab.tools.recipe import CONTEXT, GQA_GROUP, WEIGHT_DECAY
 
 NEAR_IDENTITY_JACOBIAN = 0.25
@@ -79,6 +80,8 @@ class Diagnosis:
     seconds: float = 0.0
     timings: dict = field(default_factory=dict)
     """Seconds spent in each measurement."""
+    provenance: dict = field(default_factory=dict)
+    """`depthlab.provenance`: date, command, device, dtype, versions, the model's origin (e.g. GGUF Q4_1)."""
 
     @property
     def effective_depth(self) -> int:
@@ -295,7 +298,7 @@ def diagnose(model, tokenizer=None, input_ids: torch.Tensor | None = None, *, nu
         angular_distance=ang.angular_distance, jacobian_norm=jn, near_identity=near, out_var=var.out_var,
         growth=growth_fits(var.out_var) if L >= 3 else None, sparsity=sparsity,
         levers=recipe_levers(shape, training_weight_decay(model)), warnings=warnings,
-        seconds=time.perf_counter() - start, timings=timings)
+        seconds=time.perf_counter() - start, timings=timings, provenance=provenance(model))
 
 
 def doctor(model: str | Path, *, num_samples: int = 8, seq_len: int = 128, seed: int = 0, data=None,

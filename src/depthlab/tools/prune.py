@@ -335,6 +335,7 @@ def prune_model(model: str | Path, drop, out: str | Path, *, n: int | None = Non
     from depthlab.data import calibration_sample
     from depthlab.loading import load_model
     from depthlab.precision import resolve_dtype
+    from depthlab.provenance import provenance
 
     if eval_samples < 1:
         raise PruneError(f"eval_samples must be >= 1, got {eval_samples}")
@@ -357,7 +358,11 @@ def prune_model(model: str | Path, drop, out: str | Path, *, n: int | None = Non
               "dropped": selection.dropped, "kept": [l for l in range(L) if l not in selection.dropped],
               "method": selection.method, "selection_scores": selection.scores, "saved_as": kind, "out": str(out),
               "sample": {**sample, "calibration_windows": num_samples, "eval_windows": eval_samples},
-              "before": before, "after": after}
+              "before": before, "after": after,
+              "settings": {"drop": drop, "n": n, "method": method, "tasks": tasks, "limit": limit,
+                           "num_samples": num_samples, "eval_samples": eval_samples, "seq_len": seq_len, "seed": seed,
+                           "data": None if data is None else str(data), "dtype": dtype, "device": str(device)},
+              "provenance": provenance(net)}
     save_pruned(pruned, tokenizer, out, source_config, files={"prune_report.json": dumps_json(report, indent=1) + "\n"},
                 overwrite=overwrite, protect=protect)
     return report
