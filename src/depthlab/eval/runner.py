@@ -33,6 +33,7 @@ from depthlab.eval.heldout import perplexity
 from depthlab.eval.scorer import context_length, loglikelihoods, model_device
 from depthlab.eval.tasks import FEWSHOT_SEED, TASKS, count_documents, data_path, load_examples, resolve_tasks
 from depthlab.loading import weights_hash
+from depthlab.provenance import provenance
 
 GROUP = "average"
 NO_STDERR = "N/A"  # what lm-eval writes where a standard error is undefined (one example)
@@ -62,8 +63,10 @@ def _score_choices(model, tokenizer, examples, batch: dict, log_samples: bool, p
 
 def _score_generations(model, tokenizer, task, examples, batch: dict, log_samples: bool, progress: bool):
     gen = task.generation
+    # a short-context model (depthlab's tiny preset: 128) gets half its context to generate in; lm-eval refuses it
+    max_gen_toks = min(gen.max_gen_toks, context_length(model) // 2)
     outputs = generate_until(model, tokenizer, [q.context for q in examples], until=gen.until,
-                             max_gen_toks=gen.max_gen_toks, progress=progress, **batch)
+                             max_gen_toks=max_gen_toks, progress=progress, **batch)
     hits = np.array([gen.metric(out, q.answers) for out, q in zip(outputs, examples)], dtype=float)
     samples = [{"doc_id": i, "target": list(q.answers), "arguments": [q.context], "generation": out,
                 "exact_match": int(h)} for i, (q, out, h) in enumerate(zip(examples, outputs, hits))]
@@ -248,6 +251,7 @@ def evaluate(model, tokenizer, tasks: str | list[str] | None = "all", *, limit: 
         "chat_template_sha": None,
         "total_evaluation_time_seconds": str(round(time.perf_counter() - start, 3)),
         "depthlab_version": __version__,
+        "provenance": provenance(model),  # depthlab's own block: command, model origin (e.g. GGUF Q4_1, dequantised)
     }
     if ppl is not None:
         out["perplexity"] = ppl
