@@ -20,8 +20,9 @@ with the model's weights hash, the fit tokens and the training settings, and reu
 
 Training budget (the defaults): ``steps=200`` Adam steps at ``lr=1e-3`` (linear decay to 0), each on
 ``batch_tokens=256`` fit positions drawn with replacement (seeded), for all translators at once — 200·256·(L−1)
-head evaluations forward and backward. Belrose et al. train for 250 steps on 2¹⁸ tokens each; this is far smaller, sized
-for a CPU, so the tuned lens reported here is a lower bound on what a longer fit achieves.
+head evaluations forward and backward, with the fit half's block outputs (L·n_fit·d values) held in memory.
+Belrose et al. train for 250 steps on 2¹⁸ tokens each; this is far smaller, sized for a CPU, so the tuned lens
+reported here is a lower bound on what a longer fit achieves.
 """
 
 from __future__ import annotations
@@ -100,24 +101,25 @@ def _decode(engine: Engine, h: torch.Tensor) -> torch.Tensor:
 class _Accumulator:
     """Per-layer sums of the lens statistics over positions (fp64), divided at the end."""
 
-    def __init__(self, n_layers: int):
-        self.sums = {k: torch.zeros(n_layers, dtype=torch.float64) for k in STATS}
+    def __init__(self, n_layers: int, device: torch.device):
+        self.sums = {k: torch.zeros(n_layers, dtype=torch.float64, device=device) for k in STATS}
         self.final_entropy = 0.0
         self.tokens = 0
 
     def add(self, layer: int, logq: torch.Tensor, logp: torch.Tensor, targets: torch.Tensor) -> None:
         q = logq.exp()
         s = self.sums
-        s["kl"][layer] += (logp.exp() * (logp - logq)).sum(-1).clamp_min(0).double().sum().cpu()
-        s["top1_agreement"][layer] += (logq.argmax(-1) == logp.argmax(-1)).double().sum().cpu()
+        s["kl"][layer] += (logp.exp() * (logp - logq)).sum(-1).clamp_min(0).double().sum()
+        s["top1_agreement"][layer] += (logq.argmax(-1) == logp.argmax(-1)).double().sum()
         target = logq.gather(1, targets[:, None])
-        s["target_logprob"][layer] += target.double().sum().cpu()
-        s["target_rank"][layer] += (logq > target).sum(-1).double().sum().cpu()
-        s["entropy"][layer] += -(q * logq).nan_to_num().sum(-1).double().sum().cpu()
+        s["target_logprob"][layer] += target.double().sum()
+        s["target_rank"][layer] += (logq > target).sum(-1).double().sum()
+        s["entropy"][layer] += -(q * logq).nan_to_num().sum(-1).double().sum()
 
     def report(self) -> dict:
         n = max(self.tokens, 1)
-        return {**{k: (v / n).tolist() for k, v in self.sums.items()}, "final_entropy": self.final_entropy / n,
+        return {**{k: (v / n).cpu().tolist() for k, v in self.sums.items()},
+                "final_entropy": float(self.final_entropy) / n,
                 "tokens": self.tokens}
 
 
@@ -126,7 +128,7 @@ def _lens_stats(engine: Engine, lenses: dict[str, Translators | None], rows=None
                 desc: str = "lens") -> dict[str, dict]:
     """Streamed lens statistics for each named lens (None = logit lens) over the sequences in `rows` (all if None)."""
     L, d = engine.n_layers, engine.stack.d_model
-    acc = {name: _Accumulator(L) for name in lenses}
+    acc = {name: _Accumulator(L, engine.device) for name in lenses}
     for base in tqdm(engine.baselines(), total=engine.num_batches, desc=desc, disable=not progress, leave=False):
         keep = _rows_in(base, engine, rows)
         if keep is None:
@@ -139,7 +141,7 @@ def _lens_stats(engine: Engine, lenses: dict[str, Translators | None], rows=None
             for name, lens in lenses.items():
                 a = acc[name]
                 a.tokens += logp.shape[0]
-                a.final_entropy += -(logp.exp() * logp).nan_to_num().sum(-1).double().sum().item()
+                a.final_entropy += -(logp.exp() * logp).nan_to_num().sum(-1).double().sum()
                 for l in range(L):
                     h = hs[l + 1][chunk]
                     logq = logp if l == L - 1 else _decode(engine, h if lens is None else lens(l, h))
