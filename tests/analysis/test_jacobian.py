@@ -9,6 +9,7 @@ import torch
 
 from depthlab.analysis import jacobian
 from depthlab.analysis.engine import Engine
+from depthlab.analysis.jacobians import PROBED
 
 from .conftest import build
 
@@ -72,3 +73,36 @@ def test_bf16_model_jacobian_is_computed_in_fp32(ids):
     # the bf16 model's stream is rounded, but the Jacobian itself is taken in fp32 on an fp32 copy of the block
     assert bf16.layers[0]["diagonal_mean"] == pytest.approx(fp32.layers[0]["diagonal_mean"], rel=0.05)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+
+
+@pytest.mark.parametrize("family, kind", [("llama", "position_summed"), ("depthlab", "per_token")])
+def test_estimates_are_unbiased_over_probe_seeds(family, kind, ids):
+    """Over many probe seeds the mean estimate lies within 2 standard errors (of that mean) of the exact value, and
+    the reported per-estimate standard error matches the spread across seeds."""
+    model = build(family)
+    engine = Engine(model, ids)
+    exact = jacobian(model, ids, mode="exact", kind=kind, layers=[1], engine=engine).layers[0]
+    seeds = 40
+    rows = [jacobian(model, ids, mode="estimate", kind=kind, probes=16, power_iters=0, layers=[1], seed=100 + s,
+                     engine=engine).layers[0] for s in range(seeds)]
+    for key in PROBED:
+        values = torch.tensor([r[key] for r in rows], dtype=torch.float64)
+        se = torch.tensor([r[f"{key}_se"] for r in rows], dtype=torch.float64)
+        spread = values.std()
+        assert abs(values.mean().item() - exact[key]) <= 2 * spread.item() / math.sqrt(seeds), key
+        assert 0.6 < (se.mean() / spread).item() < 1.6, key
+    assert all(math.isnan(r["diagonal_std"]) for r in rows)  # no unbiased estimator: not reported
+    assert exact["diagonal_var"] == pytest.approx(exact["diagonal_std"] ** 2)
+
+
+@pytest.mark.parametrize("kind", ["position_summed", "per_token"])
+def test_spectral_norm_by_lanczos_for_both_kinds(kind, ids):
+    model = build("gpt2")
+    engine = Engine(model, ids)
+    exact = jacobian(model, ids, mode="exact", kind=kind, layers=[0, 2], engine=engine)
+    est = jacobian(model, ids, mode="estimate", kind=kind, probes=4, power_iters=40, layers=[0, 2], engine=engine)
+    for e, x in zip(est.layers, exact.layers):
+        assert e["spectral_norm"] == pytest.approx(x["spectral_norm"], rel=1e-4)
+        assert 1 <= e["spectral_iters"] < 40
+    short = jacobian(model, ids, mode="estimate", kind=kind, probes=4, power_iters=1, layers=[0], engine=engine)
+    assert math.isnan(short.layers[0]["spectral_norm"])  # not converged in one iteration: not reported

@@ -4,13 +4,26 @@ Block l maps X = h_l to Y = h_{l+1}. We differentiate the *branch* F(X) = Y − 
 the identity is added exactly (A = M − I is what is measured) and nothing is accumulated in bf16 (defect 7).
 
 * ``kind="position_summed"`` (the paper's): M[i,j] = (1/(N·T)) Σ_{b,s} ∂(Σ_t Y[b,t,i]) / ∂X[b,s,j]. One
-  vector-Jacobian product with the cotangent u broadcast over all positions gives uᵀA summed over the inputs, so
-  ``mode="exact"`` needs d VJPs per micro-batch and layer, and ``mode="estimate"`` k Rademacher probes:
-  ||A||_F² ≈ mean_r ||Aᵀz_r||², tr(A) ≈ mean_r z_rᵀAᵀz_r, diag(A) ≈ mean_r z_r ⊙ Aᵀz_r, plus power iteration on
-  MᵀM (Mv from a double-backward JVP) for σ_max(M). Standard errors come from the spread over probes.
+  vector-Jacobian product with the cotangent z broadcast over all positions gives v = Aᵀz exactly, so
+  ``mode="exact"`` needs d VJPs per micro-batch and layer.
 * ``kind="per_token"``: M_tok[i,j] = mean_{b,t} ∂Y[b,t,i]/∂X[b,t,j] (no cross-position terms). Exact mode needs a
-  VJP per (position, feature): d·T per micro-batch and layer — use it on small models. The estimate samples, per
-  probe, two independent positions t, t' with one Rademacher z: (zᵀA_t)·(zᵀA_t') is unbiased for ||A||_F².
+  VJP per (position, feature): d·T per micro-batch and layer — use it on small models. The estimate draws, per
+  probe, two independent positions t, t' and takes u, u' = (zᵀA_{·t}, zᵀA_{·t'}) averaged over sequences: each is
+  unbiased for A_tokᵀz and they are independent given z.
+
+``mode="estimate"`` uses k Rademacher probes z_r (z_i = ±1). Per probe it keeps q_r, an unbiased sample of ||A||_F²
+(||Aᵀz||², resp. u·u'), and w_r = z ⊙ (Aᵀz) (resp. z ⊙ (u+u')/2), unbiased for diag(A) since z_i² = 1; tr(A) is Σ w.
+Every summary is a smooth function g(q̄, w̄) of these means — ||A||_F = sqrt(q̄), diagonal variance = var_i(w̄),
+||offdiag||² = q̄ − Σ w̄², ||M||_F² = q̄ + 2 tr + d — and g of a mean is biased (the diagonal spread by +115% at 16
+probes, because the probe noise of w̄ adds its variance). Each is therefore reported as the **jackknife** over
+probes, k·g(all) − (k−1)·mean_r g(all but r), which removes the O(1/k) bias — exactly for the quadratic
+``diagonal_var`` (it is then the unbiased U-statistic, and may come out negative when the true spread is below the
+probe noise), to well under its standard error for the square roots — with the jackknife standard error
+``<name>_se``. ``diagonal_std`` = sqrt(diagonal_var) has no such estimator (its bias stays ~+10% on 16-wide blocks),
+so estimate mode does not report it (NaN). ``spectral_norm`` σ_max(M) is not a probe average: it is computed
+by Lanczos iteration on MᵀM (Mv by double backward, for both kinds), started from the probes' top direction and
+reported only once converged (residual below ``SPECTRAL_TOL`` of the Ritz value; NaN otherwise), with the number of
+iterations used in ``spectral_iters``. Exact mode reports no standard errors.
 """
 
 from __future__ import annotations
@@ -27,8 +40,12 @@ from depthlab.analysis.engine import Baseline, Engine, get_engine
 from depthlab.analysis.results import Result
 from depthlab.errors import AnalysisError
 
-SUMMARIES = ("jacobian_norm", "off_diagonal_norm", "diagonal_mean", "diagonal_std", "frobenius_norm",
+SUMMARIES = ("jacobian_norm", "off_diagonal_norm", "diagonal_mean", "diagonal_std", "diagonal_var", "frobenius_norm",
              "spectral_norm")
+PROBED = ("jacobian_norm", "off_diagonal_norm", "diagonal_mean", "diagonal_var", "frobenius_norm")
+"""The summaries estimated from probe averages, each with a jackknife standard error."""
+SPECTRAL_TOL = 1e-4
+"""Lanczos stops when the residual bound β·|y_last| of the top Ritz pair of MᵀM is below this fraction of it."""
 
 
 @dataclass
@@ -36,7 +53,9 @@ class JacobianResult(Result):
     mode: str
     kind: str
     layers: list[dict]
-    """Per layer: the six SPEC summaries, and for estimates their standard errors (`<name>_se`) where available."""
+    """Per layer: the SPEC summaries plus diagonal_var (= diagonal_std²). Estimates add `<name>_se` (jackknife over
+    probes) for the PROBED summaries and `spectral_iters` (Lanczos iterations; spectral_norm is NaN/null if it did
+    not converge); their diagonal_std is NaN/null (no unbiased estimate: use diagonal_var)."""
     means: dict
     """Each summary averaged over layers."""
     identity_fraction: float
@@ -68,12 +87,25 @@ class _Branch:
         """Σ_{t,i} c[b,t,i] ∂F[b,t,i]/∂X — the gradient with respect to X [B, T, d]."""
         return torch.autograd.grad(self.f, self.x, cotangent.expand_as(self.f), retain_graph=True)[0]
 
-    def jvp_summed(self, v: torch.Tensor) -> torch.Tensor:
-        """Σ_{b,t} (∂F/∂X · v broadcast over all positions)[b,t,:] via double backward."""
-        u = torch.zeros(self.f.shape[-1], requires_grad=True)
+    def jvp(self, v: torch.Tensor, position: int | None = None) -> torch.Tensor:
+        """Σ_b of (∂F/∂X · v) via double backward: with v at every position and summed over output positions
+        (position_summed), or at `position` only, read at that position (the per-token diagonal block)."""
+        d = self.f.shape[-1]
+        u = torch.zeros(d, requires_grad=True)
         with torch.enable_grad():
-            g = torch.autograd.grad(self.f, self.x, u.expand_as(self.f), retain_graph=True, create_graph=True)[0]
+            if position is None:
+                cot = u.expand_as(self.f)
+            else:
+                cot = torch.zeros(self.f.shape[1], 1).index_fill_(0, torch.tensor([position]), 1.0) * u
+            g = torch.autograd.grad(self.f, self.x, cot.expand_as(self.f), retain_graph=True, create_graph=True)[0]
+            g = g if position is None else g[:, position]
             return torch.autograd.grad((g * v).sum(), u, retain_graph=True)[0]
+
+    def vjp_at(self, w: torch.Tensor, position: int) -> torch.Tensor:
+        """Σ_b A_{b,t}ᵀ w for t = `position` (cotangent and gradient read at the same position), [d]."""
+        cot = torch.zeros(self.f.shape[1:])
+        cot[position] = w
+        return self.vjp(cot)[:, position].sum(0)
 
 
 def _summaries(A: torch.Tensor) -> dict:
@@ -85,40 +117,52 @@ def _summaries(A: torch.Tensor) -> dict:
     return {"jacobian_norm": A.norm().item() / d,
             "off_diagonal_norm": off.norm().item() / math.sqrt(max(d * d - d, 1)),
             "diagonal_mean": diag.mean().item(), "diagonal_std": diag.std(unbiased=False).item(),
-            "frobenius_norm": M.norm().item(), "spectral_norm": torch.linalg.matrix_norm(M, 2).item()}
+            "diagonal_var": diag.var(unbiased=False).item(), "frobenius_norm": M.norm().item(), "spectral_norm": torch.linalg.matrix_norm(M, 2).item()}
 
 
-def _estimate_summaries(sq: torch.Tensor, tr: torch.Tensor, diag: torch.Tensor, d: int,
-                        spectral: float) -> dict:
-    """Summaries from probe samples: sq_r ≈ ||A||_F², tr_r ≈ tr(A), diag ≈ diag(A); with standard errors."""
-    k = sq.numel()
+def _probe_summaries(q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The PROBED summaries from probe means q̄ (≈ ||A||_F²) and w̄ (≈ diag A), batched over leading dims."""
+    d = w.shape[-1]
+    trace = w.sum(-1)
+    return torch.stack([
+        q.clamp_min(0).sqrt() / d,
+        (q - (w**2).sum(-1)).clamp_min(0).sqrt() / math.sqrt(max(d * d - d, 1)),
+        1.0 + trace / d,
+        w.var(-1, unbiased=False),
+        (q + 2 * trace + d).clamp_min(0).sqrt(),
+    ], -1)
 
-    def se(x):
-        return (x.std(unbiased=True) / math.sqrt(k)).item() if k > 1 else float("nan")
 
-    a_fro2 = sq.mean().clamp_min(0)
-    trace = tr.mean()
-    m_diag = 1.0 + diag
-    m_fro2 = (a_fro2 + 2 * trace + d).clamp_min(0)
-    off2 = (m_fro2 - (m_diag**2).sum()).clamp_min(0)
-    jn = a_fro2.sqrt().item() / d
-    return {"jacobian_norm": jn, "jacobian_norm_se": se(sq) / (2 * max(jn, 1e-12) * d * d),
-            "off_diagonal_norm": off2.sqrt().item() / math.sqrt(max(d * d - d, 1)),
-            "diagonal_mean": 1.0 + trace.item() / d, "diagonal_mean_se": se(tr) / d,
-            "diagonal_std": m_diag.std(unbiased=False).item(),
-            "frobenius_norm": m_fro2.sqrt().item(), "spectral_norm": spectral}
+def _jackknife(q: torch.Tensor, w: torch.Tensor) -> dict:
+    """Jackknife-corrected probe summaries and their standard errors from per-probe samples q [k], w [k, d]."""
+    k = q.shape[0]
+    full = _probe_summaries(q.mean(), w.mean(0))
+    loo = _probe_summaries((q.sum() - q) / (k - 1), (w.sum(0) - w) / (k - 1))  # [k, 5]: all probes but r
+    mean = loo.mean(0)
+    est = k * full - (k - 1) * mean
+    se = ((k - 1) / k * ((loo - mean) ** 2).sum(0)).sqrt()
+    out = {}
+    for i, name in enumerate(PROBED):
+        out[name], out[f"{name}_se"] = est[i].item(), se[i].item()
+    return out
 
 
 def jacobian(model, input_ids, *, mode: str = "exact", kind: str = "position_summed", probes: int = 32,
-             power_iters: int = 10, layers=None, seed: int = 0, micro_batch_size: int = 8,
+             power_iters: int = 30, layers=None, seed: int = 0, micro_batch_size: int = 8,
              cache_budget_mb: float = 2048.0, engine: Engine | None = None, progress: bool = False) -> JacobianResult:
-    """Per-layer distance of each block's Jacobian from the identity (exact or Rademacher estimate)."""
+    """Per-layer distance of each block's Jacobian from the identity (exact, or Rademacher estimate).
+
+    probes: Rademacher probes per layer (estimate mode, >= 2); power_iters: the most Lanczos iterations for
+    spectral_norm in estimate mode (0 skips it: NaN).
+    """
     if mode not in ("exact", "estimate"):
         raise AnalysisError(f"jacobian mode must be 'exact' or 'estimate', got {mode!r}")
     if kind not in ("position_summed", "per_token"):
         raise AnalysisError(f"jacobian kind must be 'position_summed' or 'per_token', got {kind!r}")
     if mode == "estimate" and probes < 2:
         raise AnalysisError(f"the estimate needs at least 2 probes, got {probes}")
+    if power_iters < 0:
+        raise AnalysisError(f"power_iters must be >= 0, got {power_iters}")
     eng = get_engine(model, input_ids, engine, micro_batch_size, cache_budget_mb)
     chosen = list(range(eng.n_layers)) if layers is None else [int(l) for l in layers]
     if any(not 0 <= l < eng.n_layers for l in chosen):
@@ -130,14 +174,18 @@ def jacobian(model, input_ids, *, mode: str = "exact", kind: str = "position_sum
         block = eng.stack.blocks[l]
         if any(p.dtype != torch.float32 for p in block.parameters()):
             block = copy.deepcopy(block).float()
-        gen = torch.Generator().manual_seed(seed + l)
         if mode == "exact":
-            A = _exact(eng, block, l, d, kind) / (N * T)
-            rows.append({"layer": l, **_summaries(A)})
-        elif kind == "position_summed":
-            rows.append({"layer": l, **_estimate_summed(eng, block, l, d, N * T, probes, power_iters, gen)})
-        else:
-            rows.append({"layer": l, **_estimate_per_token(eng, block, l, d, N, T, probes, gen)})
+            rows.append({"layer": l, **_summaries(_exact(eng, block, l, d, kind) / (N * T))})
+            continue
+        gen = torch.Generator().manual_seed(seed + l)
+        probe = _probe_summed if kind == "position_summed" else _probe_per_token
+        q, w, start = probe(eng, block, l, d, probes, gen)
+        row = {"layer": l, **_jackknife(q, w), "diagonal_std": math.nan, "spectral_norm": math.nan,
+               "spectral_iters": 0}
+        if power_iters:
+            row["spectral_norm"], row["spectral_iters"] = _lanczos(_Operator(eng, block, l, kind), start,
+                                                                   power_iters)
+        rows.append(row)
     means = {k: sum(r[k] for r in rows) / len(rows) for k in SUMMARIES}
     identity = sum(r["diagonal_mean"] > 0.5 for r in rows) / len(rows)
     return JacobianResult(mode, kind, rows, means, identity, probes if mode == "estimate" else d, N * T)
@@ -155,60 +203,83 @@ def _exact(eng: Engine, block, layer: int, d: int, kind: str) -> torch.Tensor:
                 A[i] += branch.vjp(eye[i]).double().sum((0, 1))
             else:
                 for t in range(T):
-                    cot = torch.zeros(T, d)
-                    cot[t, i] = 1.0
-                    A[i] += branch.vjp(cot)[:, t].double().sum(0)
+                    A[i] += branch.vjp_at(eye[i], t).double()
     return A
 
 
-def _estimate_summed(eng: Engine, block, layer: int, d: int, tokens: int, probes: int, power_iters: int,
-                     gen: torch.Generator) -> dict:
-    Z = torch.randint(0, 2, (probes, d), generator=gen).float() * 2 - 1
+def _rademacher(probes: int, d: int, gen: torch.Generator) -> torch.Tensor:
+    return torch.randint(0, 2, (probes, d), generator=gen).float() * 2 - 1
+
+
+def _probe_summed(eng: Engine, block, layer: int, d: int, probes: int, gen: torch.Generator):
+    """Per-probe q_r = ||Aᵀz_r||², w_r = z_r ⊙ Aᵀz_r (position-summed A), and M's rows Mᵀz_r to start Lanczos."""
+    Z = _rademacher(probes, d, gen)
     V = torch.zeros(probes, d, dtype=torch.float64)  # rows: Aᵀ z_r
     for base in eng.baselines():
         branch = _Branch(block, base, layer)
         for r in range(probes):
             V[r] += branch.vjp(Z[r]).double().sum((0, 1))
-    V /= tokens
+    V /= eng.input_ids.numel()
     Zd = Z.double()
-    sq, tr, diag = (V**2).sum(1), (Zd * V).sum(1), (Zd * V).mean(0)
-    spectral = _power_iteration(eng, block, layer, d, tokens, V + Zd, power_iters) if power_iters else float("nan")
-    return _estimate_summaries(sq, tr, diag, d, spectral)
+    return (V**2).sum(1), Zd * V, V + Zd
 
 
-def _power_iteration(eng: Engine, block, layer: int, d: int, tokens: int, start: torch.Tensor, iters: int) -> float:
-    """σ_max(M) by power iteration on MᵀM, started from the top direction of the probes' Mᵀz.
-
-    Each iteration sweeps the micro-batches twice (Mv needs every batch before Mᵀ(Mv) can start), rebuilding each
-    batch's graph so memory stays one micro-batch.
-    """
-    v = torch.linalg.svd(start, full_matrices=False).Vh[0].float()
-    sigma = float("nan")
-    for _ in range(iters):
-        mv = v.double() + sum(_Branch(block, b, layer).jvp_summed(v).double() for b in eng.baselines()) / tokens
-        mtmv = mv + sum(_Branch(block, b, layer).vjp(mv.float()).double().sum((0, 1))
-                        for b in eng.baselines()) / tokens
-        sigma = mtmv.norm().sqrt().item()
-        v = (mtmv / mtmv.norm()).float()
-    return sigma
-
-
-def _estimate_per_token(eng: Engine, block, layer: int, d: int, N: int, T: int, probes: int,
-                        gen: torch.Generator) -> dict:
-    Z = torch.randint(0, 2, (probes, d), generator=gen).float() * 2 - 1
+def _probe_per_token(eng: Engine, block, layer: int, d: int, probes: int, gen: torch.Generator):
+    """Per-probe q_r = u_r·u'_r and w_r = z_r ⊙ (u_r + u'_r)/2 from two independent random positions."""
+    N, T = eng.input_ids.shape
+    Z = _rademacher(probes, d, gen)
     pos = torch.randint(0, T, (probes, 2), generator=gen)
-    V = torch.zeros(2, probes, d, dtype=torch.float64)  # zᵀA_t and zᵀA_t' for two independent positions
+    U = torch.zeros(2, probes, d, dtype=torch.float64)  # zᵀA_t and zᵀA_t' averaged over the sequences
     for base in eng.baselines():
         branch = _Branch(block, base, layer)
         for r in range(probes):
             for j in range(2):
-                t = int(pos[r, j])
-                cot = torch.zeros(T, d)
-                cot[t] = Z[r]
-                V[j, r] += branch.vjp(cot)[:, t].double().sum(0)
-    V /= N
+                U[j, r] += branch.vjp_at(Z[r], int(pos[r, j])).double()
+    U /= N
     Zd = Z.double()
-    sq = (V[0] * V[1]).sum(1)
-    tr = (Zd * V).sum(-1).mean(0)
-    diag = (Zd * V).mean((0, 1))
-    return _estimate_summaries(sq, tr, diag, d, float("nan"))
+    return (U[0] * U[1]).sum(1), Zd * (U[0] + U[1]) / 2, (U[0] + U[1]) / 2 + Zd
+
+
+class _Operator:
+    """v ↦ MᵀMv for one block and kind, sweeping every micro-batch (rebuilding each batch's graph, so memory stays
+    one micro-batch): Mv needs every batch before Mᵀ(Mv) can start."""
+
+    def __init__(self, eng: Engine, block, layer: int, kind: str):
+        self.eng, self.block, self.layer, self.kind = eng, block, layer, kind
+        self.tokens = eng.input_ids.numel()
+
+    def _apply(self, v: torch.Tensor, transpose: bool) -> torch.Tensor:
+        total = torch.zeros_like(v)
+        vf = v.float()
+        for base in self.eng.baselines():
+            branch = _Branch(self.block, base, self.layer)
+            if self.kind == "position_summed":
+                total += (branch.vjp(vf).sum((0, 1)) if transpose else branch.jvp(vf)).double()
+            else:
+                for t in range(branch.x.shape[1]):
+                    total += (branch.vjp_at(vf, t) if transpose else branch.jvp(vf, t)).double()
+        return v + total / self.tokens
+
+    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        return self._apply(self._apply(v, transpose=False), transpose=True)
+
+
+def _lanczos(op: _Operator, start: torch.Tensor, iters: int) -> tuple[float, int]:
+    """σ_max(M) = sqrt(λ_max(MᵀM)) by Lanczos with full reorthogonalisation, started from the top right singular
+    direction of the probes' Mᵀz; (NaN, iters) when the residual bound has not reached SPECTRAL_TOL."""
+    q = torch.linalg.svd(start, full_matrices=False).Vh[0].double()
+    Q, alpha, beta = [q / q.norm()], [], []
+    for j in range(iters):
+        w = op(Q[-1])
+        alpha.append(torch.dot(Q[-1], w))
+        basis = torch.stack(Q)
+        for _ in range(2):  # twice is enough to keep the basis orthogonal in fp64
+            w = w - basis.T @ (basis @ w)
+        beta.append(w.norm())
+        off = torch.tensor(beta[:-1], dtype=torch.float64)
+        tri = torch.diag(torch.stack(alpha)) + torch.diag(off, 1) + torch.diag(off, -1)
+        theta, y = torch.linalg.eigh(tri)
+        if beta[-1] * y[-1, -1].abs() <= SPECTRAL_TOL * theta[-1] or beta[-1] <= 1e-12 * theta[-1]:
+            return theta[-1].clamp_min(0).sqrt().item(), j + 1
+        Q.append(w / beta[-1])
+    return math.nan, iters
