@@ -21,16 +21,21 @@ def register(sub, help_: str) -> None:
     p.add_argument("--budget-tokens", help="training tokens, e.g. 5B (default 20 per active parameter)")
     p.add_argument("--count-embeddings", action="store_true",
                    help="include the embedding and LM head (vocabulary 50304) in the active parameters")
+    p.add_argument("--data", default=None, metavar="DIR", help="prepared dataset folder to train on (data.path; "
+                   "default: the bundled corpus, with a warning when it is far too small for the budget)")
     common.add_out(p, "YAML file to write (default: print to stdout)", metavar="FILE")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from depthlab.tools.recipe import make_recipe, recipe_yaml
+    from depthlab.tools.recipe import data_warning, make_recipe, recipe_yaml
 
     cfg, explanations = make_recipe(args.layers, args.active_params, args.budget_tokens,
-                                    count_embeddings=args.count_embeddings)
-    text = recipe_yaml(cfg, explanations)
+                                    count_embeddings=args.count_embeddings, data=args.data)
+    warning = data_warning(cfg)
+    if warning:
+        print(f"depthlab recipe: warning: {warning}", file=sys.stderr)
+    text = recipe_yaml(cfg, [*explanations, *([f"WARNING: {warning}"] if warning else [])])
     if not args.out:
         sys.stdout.write(text)
         return 0

@@ -26,6 +26,10 @@ LR = 4e-4  # the paper's 1B-scale AdamW peak learning rate
 BATCH_TOKENS = 512 * 1024  # 0.5M tokens per step, the paper's 512 × 1024
 MICRO_TOKENS = 16384  # tokens per forward/backward on one device: 4 sequences of 4096
 TOKENS_PER_PARAM = 20  # default budget when none is given (Chinchilla's ratio, on active parameters)
+MAX_EPOCHS = 4
+"""More passes over the same tokens than this stop paying (Muennighoff et al., 2023: returns vanish past ~4)."""
+BUNDLED_TRAIN_TOKENS = 1_522_597
+"""Training tokens of the bundled Shakespeare plays with the default 4096-token BPE (what data.path="" trains on)."""
 _SUFFIX = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
 
 
@@ -105,13 +109,15 @@ def _solve_shape(layers: int, target: int, experts: tuple[int, int], vocab: int,
 
 
 def make_recipe(layers: int, active_params: float | str, budget_tokens: float | str | None = None,
-                count_embeddings: bool = False, vocab_size: int = 50304) -> tuple[Config, list[str]]:
+                count_embeddings: bool = False, vocab_size: int = 50304,
+                data: str | None = None) -> tuple[Config, list[str]]:
     """A validated training Config for ``layers`` blocks at about ``active_params`` active parameters, and one
     line per choice saying what was chosen and the evidence for it.
 
     ``budget_tokens`` (default 20 × active parameters) sets the number of steps. With ``count_embeddings`` the
     target includes the token embedding and LM head of a ``vocab_size`` vocabulary, which is then fixed in the
-    config; otherwise ``model.vocab_size`` stays 0 (taken from the prepared dataset).
+    config; otherwise ``model.vocab_size`` stays 0 (taken from the prepared dataset). ``data`` is the prepared
+    dataset folder to train on (``data.path``; default: the bundled corpus, see `data_warning`).
     """
     if not isinstance(layers, int) or isinstance(layers, bool) or not 1 <= layers <= 1024:
         raise ConfigError(f"layers must be an integer in [1, 1024], got {layers!r}")
@@ -132,9 +138,29 @@ def make_recipe(layers: int, active_params: float | str, budget_tokens: float | 
     cfg.schedule.warmup_steps = min(2000, max(1, t.max_steps // 100))
     t.eval_interval = t.save_interval = max(1, t.max_steps // 20)
     t.stats_interval = max(1, t.max_steps // 100)
+    cfg.data.path = str(data or "")
     validate(cfg)
 
     return cfg, _explain(cfg, shape, target, experts, budget_tokens is not None, count_embeddings)
+
+
+def data_warning(cfg: Config) -> str | None:
+    """Why the configured data cannot feed this config's token budget (more than MAX_EPOCHS passes), with the
+    commands that prepare a large enough corpus and train on it; None when it can."""
+    budget = cfg.trainer.max_steps * cfg.trainer.batch_size * cfg.model.seq_len
+    if cfg.data.path:
+        from depthlab.data import TokenDataset
+
+        tokens, where = TokenDataset(cfg.data.path).meta["splits"]["train"]["tokens"], cfg.data.path
+    else:
+        tokens, where = BUNDLED_TRAIN_TOKENS, "the bundled Shakespeare corpus (data.path is empty)"
+    if budget <= MAX_EPOCHS * tokens:
+        return None
+    return (f"the model is far too big for its data: {human(budget)} training tokens but {where} holds "
+            f"{human(tokens)} ({budget / tokens:,.0f} passes; more than {MAX_EPOCHS} stop paying). Prepare at least "
+            f"{human(budget / MAX_EPOCHS)} tokens of real text: depthlab data prepare --source PATH|hf:NAME "
+            "--vocab-size 50304 --out data/corpus, then train with --data.path=data/corpus (or pass "
+            "--data data/corpus to depthlab recipe)")
 
 
 def _explain(cfg: Config, shape: _Shape, target: int, experts: tuple[int, int], budget_given: bool,

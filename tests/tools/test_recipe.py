@@ -1,14 +1,13 @@
-"""depthlab recipe: active parameters on target (vs a built model), valid configs, explanations, CLI."""
+"""depthlab.tools.recipe: active parameters on target (vs a built model), valid configs, explanations, and the
+warning when the data cannot feed the budget."""
 
 from __future__ import annotations
 
 import pytest
 
-from depthlab.cli import main
-from depthlab.config import load_config
 from depthlab.errors import ConfigError
 from depthlab.model.params import param_counts
-from depthlab.tools.recipe import make_recipe, parse_count
+from depthlab.tools.recipe import BUNDLED_TRAIN_TOKENS, MAX_EPOCHS, data_warning, make_recipe, parse_count
 
 
 @pytest.mark.parametrize("layers, target", [(2, 1e6), (8, 10e6), (12, 50e6), (32, 400e6), (16, 1e9),
@@ -72,23 +71,14 @@ def test_bad_input_raises_config_error(args, message):
         make_recipe(*args)
 
 
-def test_cli_writes_a_loadable_config(tmp_path, capsys):
-    out = tmp_path / "sub" / "recipe.yaml"
-    assert main(["recipe", "--layers", "8", "--active-params", "10M", "--budget-tokens", "50M",
-                 "--out", str(out)]) == 0
-    text = out.read_text()
-    assert text.startswith("# depthlab recipe") and "λ0.3" in text
-    cfg = load_config(out)
-    assert cfg.model.n_layers == 8 and cfg.model.moe.num_experts == 32 and cfg.trainer.max_steps == 96
-    assert "wrote" in capsys.readouterr().out
-    assert main(["recipe", "--layers", "4", "--active-params", "2M"]) == 0  # no --out: YAML on stdout
-    assert "seq_len: 4096" in capsys.readouterr().out
-
-
-@pytest.mark.parametrize("argv", [["--layers", "0", "--active-params", "1B"],
-                                  ["--layers", "8", "--active-params", "lots"],
-                                  ["--layers", "8", "--active-params", "10M", "--budget-tokens", "x"]])
-def test_cli_bad_input_is_one_line_exit_2(argv, capsys):
-    assert main(["recipe", *argv]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("depthlab recipe: error:")
+def test_data_warning_when_the_budget_needs_many_passes(tiny_dataset):
+    cfg, _ = make_recipe(32, "1.2B")  # 24B tokens on the bundled 1.5M
+    warning = data_warning(cfg)
+    assert "far too big" in warning and "bundled Shakespeare" in warning
+    assert "depthlab data prepare" in warning and "--data.path=" in warning
+    tokens = cfg.trainer.max_steps * cfg.trainer.batch_size * cfg.model.seq_len
+    assert f"{tokens / BUNDLED_TRAIN_TOKENS:,.0f} passes" in warning
+    small, _ = make_recipe(2, "1M", budget_tokens=MAX_EPOCHS * BUNDLED_TRAIN_TOKENS // 2)
+    assert data_warning(small) is None
+    own, _ = make_recipe(2, "1M", budget_tokens=10e6, data=str(tiny_dataset))  # a prepared folder's own count
+    assert own.data.path == str(tiny_dataset) and str(tiny_dataset) in data_warning(own)
