@@ -1,8 +1,11 @@
 """depthlab's analysis engine vs naive full-forward implementations of the same definitions (not a test).
 
 Naive = what prior research code did: one full forward pass per intervention with the block list edited (for
-usefulness: a pass to collect each layer's inputs and one to evaluate the replaced model). Same model, tokens and
-dtype; results are asserted identical; time (best of --repeat after a warm-up) and peak RSS growth are reported.
+usefulness: a hooked pass over the fit sample collecting every block's input and output, then one full pass over
+the evaluation sample per replaced block). Same model, tokens and dtype; results are asserted identical; time
+(best of --repeat after a warm-up) and peak RSS growth are reported. depthlab's usefulness time includes its pass
+over the separate fit sample (default 32·(d+1) tokens, disjoint from the evaluation sample) and its fit-variance
+jackknife.
 
     .venv/bin/python benchmarks/analysis_speed.py --num-samples 32 --seq-len 256      # the documented setting
 """
@@ -18,9 +21,9 @@ from torch import nn
 
 from depthlab import load_model
 from depthlab.analysis import causal_effects, jacobian, permutation_scores, usefulness
-from depthlab.analysis.engine import BlockStack
-from depthlab.analysis.replacement import solve_affine
-from depthlab.data import calibration_sample
+from depthlab.analysis.defaults import default_fit_samples
+from depthlab.data import calibration_samples
+from depthlab.model.view import ModelView
 
 
 class Replace(nn.Module):
@@ -34,7 +37,7 @@ class Replace(nn.Module):
 
 def run_with(model, blocks, ids, hooks=()):
     """Full forward with the block list replaced; returns (mean NLL, per-block inputs and outputs)."""
-    stack = BlockStack(model)
+    stack = ModelView(model)
     original = list(stack.blocks)
     for i, b in enumerate(blocks):
         stack.blocks[i] = b
@@ -60,23 +63,30 @@ def run_with(model, blocks, ids, hooks=()):
     return nll, ins, outs
 
 
-def naive_usefulness(model, ids):
-    blocks = list(BlockStack(model).blocks)
+def naive_usefulness(model, ids, fit_ids, chunk: int = 8):
+    """Maps fitted on fit_ids (hooked full forwards of `chunk` sequences, fp64 normal equations, a plain solve),
+    each evaluated by a full forward of ids with the block list edited."""
+    blocks = list(ModelView(model).blocks)
     base, _, _ = run_with(model, blocks, ids)
+    xtx, xty = {}, {}
+    for i in range(0, len(fit_ids), chunk):  # the collection passes over the fit sample
+        _, ins, outs = run_with(model, blocks, fit_ids[i:i + chunk], hooks=True)
+        for l in range(len(blocks)):
+            x = ins[l].reshape(-1, ins[l].shape[-1]).double()
+            x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=torch.float64)], 1)
+            xtx[l] = xtx.get(l, 0) + x.T @ x
+            xty[l] = xty.get(l, 0) + x.T @ outs[l].reshape(x.shape[0], -1).double()
     ratios = []
     for l in range(len(blocks)):
-        _, ins, outs = run_with(model, blocks, ids, hooks=True)  # the collection pass for layer l
-        d = ins[l].shape[-1]
-        x = torch.cat([ins[l].reshape(-1, d).double(), torch.ones(ins[l].numel() // d, 1, dtype=torch.float64)], 1)
-        fit = solve_affine(x.T @ x, x.T @ outs[l].reshape(-1, d).double())
+        coef = torch.linalg.solve(xtx[l], xty[l])
         edited = list(blocks)
-        edited[l] = Replace(fit)
+        edited[l] = Replace(lambda h, w=coef[:-1], b=coef[-1]: (h.double() @ w + b).to(h.dtype))
         ratios.append(run_with(model, edited, ids)[0] / base)
     return ratios
 
 
 def naive_causal(model, ids):
-    blocks = list(BlockStack(model).blocks)
+    blocks = list(ModelView(model).blocks)
     L = len(blocks)
     _, ins, outs = run_with(model, blocks, ids, hooks=True)
     delta = [outs[l] - ins[l] for l in range(L)]
@@ -92,7 +102,7 @@ def naive_causal(model, ids):
 
 
 def naive_permutation(model, ids, pairs):
-    blocks = list(BlockStack(model).blocks)
+    blocks = list(ModelView(model).blocks)
     base = run_with(model, blocks, ids)[0]
     scores = []
     for a, b in pairs:
@@ -118,27 +128,35 @@ def main() -> None:
     p.add_argument("--num-samples", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--dtype", default="fp32")
+    p.add_argument("--fit-samples", type=int, default=None, help="usefulness fit sequences (default: 32*(d+1) tokens)")
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--metrics", default="usefulness,causal,permutation,jacobian")
     p.add_argument("--jacobian-layers", default="0,15,29", help="layers for exact-vs-estimate (exact is d VJPs)")
     args = p.parse_args()
     model, tok = load_model(args.model, dtype=args.dtype)
-    ids, _ = calibration_sample(tok, num_samples=args.num_samples, seq_len=args.seq_len, seed=0)
+    fit_samples = args.fit_samples or default_fit_samples(ModelView(model).d_model, args.seq_len)
+    ids, fit_ids, _ = calibration_samples(tok, None, args.num_samples, args.seq_len, fit_samples, seed=args.seed)
     mb = args.num_samples
     rows = []
     wanted = args.metrics.split(",")
     if "usefulness" in wanted:
-        ours, t1, m1 = timed(lambda: usefulness(model, ids, bootstrap=0, micro_batch_size=mb).loss_ratios, args.repeat)
-        ref, t0, m0 = timed(lambda: naive_usefulness(model, ids), args.repeat)
+        ours, t1, m1 = timed(lambda: usefulness(model, ids, fit_ids=fit_ids, bootstrap=0,
+                                                micro_batch_size=mb).loss_ratios, args.repeat)
+        ref, t0, m0 = timed(lambda: naive_usefulness(model, ids, fit_ids), args.repeat)
+        gap = max(abs(a - b) for a, b in zip(ours, ref))
+        print(f"usefulness (fit {fit_ids.shape[0]}x{fit_ids.shape[1]}, eval {ids.shape[0]}x{ids.shape[1]}): "
+              f"max |ratio - naive| {gap:.2e}; useful (tau 0.1) depthlab {[l for l, r in enumerate(ours) if r > 1.1]}"
+              f", naive {[l for l, r in enumerate(ref) if r > 1.1]}")
         assert torch.allclose(torch.tensor(ours), torch.tensor(ref), rtol=1e-4), "usefulness differs"
-        rows.append(("usefulness", t0, t1, m0, m1))
+        rows.append(("usefulness (incl. fit sample)", t0, t1, m0, m1))
     if "causal" in wanted:
         ours, t1, m1 = timed(lambda: causal_effects(model, ids, micro_batch_size=mb).matrix, args.repeat)
         ref, t0, m0 = timed(lambda: naive_causal(model, ids), args.repeat)
         assert torch.allclose(torch.tensor(ours, dtype=torch.float64).nan_to_num(), ref.nan_to_num(), rtol=1e-4)
         rows.append(("causal", t0, t1, m0, m1))
     if "permutation" in wanted:
-        L = BlockStack(model).n_layers
+        L = ModelView(model).n_layers
         pairs = [(a, a + 1) for a in range(L - 1)]
         ours, t1, m1 = timed(lambda: permutation_scores(model, ids, pairs="adjacent", micro_batch_size=mb).scores,
                              args.repeat)

@@ -11,6 +11,7 @@ import torch
 
 from depthlab.analysis import usefulness
 from depthlab.cli import main
+from depthlab.errors import AnalysisError
 from depthlab.tools.doctor import diagnose, growth_fits, recipe_levers
 
 from .conftest import llama
@@ -42,8 +43,8 @@ def test_diagnosis_matches_the_metrics_and_flags_an_identity_block():
     with torch.no_grad():  # block 2 adds nothing to the stream: an exact identity map
         model.model.layers[2].self_attn.o_proj.weight.zero_()
         model.model.layers[2].mlp.down_proj.weight.zero_()
-    ids = torch.randint(0, V, (8, 24), generator=torch.Generator().manual_seed(0))
-    diag = diagnose(model, input_ids=ids, tau=0.05)
+    ids = torch.randint(0, V, (12, 24), generator=torch.Generator().manual_seed(0))
+    diag = diagnose(model, input_ids=ids, tau=0.05)  # cross-fitted: >= 216 fit tokens per map, 10·(d+1) = 170
     ratios = usefulness(model, ids, bootstrap=0).loss_ratios
     assert diag.loss_ratios == pytest.approx(ratios)
     assert diag.useful_blocks == [l for l in range(4) if ratios[l] > 1.05]
@@ -53,19 +54,17 @@ def test_diagnosis_matches_the_metrics_and_flags_an_identity_block():
     assert diag.jacobian_norm[2] == pytest.approx(0.0, abs=1e-9) and diag.angular_distance[2] < 1e-6
     assert diag.sparsity["gqa_group"] == 2 and diag.sparsity["moe"] is None
     assert 0 < diag.sparsity["attention_normalized_entropy"] <= 1
-    assert not diag.warnings  # 192 tokens > 10 (d + 1) = 170
     d = json.loads(json.dumps(diag.to_dict()))
     assert d["effective_depth"] == diag.effective_depth and len(d["out_var"]) == 4
     text = diag.render()
     assert "near-identity blocks (" in text and "2 (cos/J)" in text and "[ absent] MoE" in text
 
 
-def test_too_few_tokens_warns():
+def test_too_few_fit_tokens_are_refused():
     model = llama(V, layers=2)
-    diag = diagnose(model, input_ids=torch.randint(0, V, (1, 12), generator=torch.Generator().manual_seed(0)))
-    assert diag.warnings == [diag.warnings[0]] and "every loss ratio is 1" in diag.warnings[0]
-    diag = diagnose(model, input_ids=torch.randint(0, V, (4, 25), generator=torch.Generator().manual_seed(0)))
-    assert len(diag.warnings) == 1 and "x0.83" in diag.warnings[0] and "lower bound" in diag.warnings[0]
+    ids = torch.randint(0, V, (4, 25), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(AnalysisError, match="doctor refuses .* unreliable usefulness .* 75 tokens"):
+        diagnose(model, input_ids=ids)
 
 
 def test_cli_doctor_on_a_depthlab_run(depthlab_run, tmp_path, capsys):

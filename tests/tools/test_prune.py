@@ -13,6 +13,7 @@ from depthlab.analysis import angular_distance, usefulness
 from depthlab.analysis.engine import Engine
 from depthlab.cli import main
 from depthlab.config import ModelConfig
+from depthlab.errors import AnalysisError
 from depthlab.loading import load_model
 from depthlab.model.transformer import Transformer
 from depthlab.tools.prune import PruneError, parse_blocks, prune, save_pruned
@@ -139,10 +140,13 @@ def test_depthlab_saves_hf_when_exportable_else_a_run_folder(tmp_path, tokenizer
 def test_auto_selection_follows_the_metrics():
     model = llama(V, layers=6)
     ids = torch.randint(0, V, (4, 16), generator=torch.Generator().manual_seed(2))
-    ratios = usefulness(model, ids, bootstrap=0).loss_ratios
-    _, sel = prune(model, "auto", input_ids=ids, n=2)
+    fit = torch.randint(0, V, (12, 16), generator=torch.Generator().manual_seed(3))  # 192 >= 10·(d+1) fit tokens
+    ratios = usefulness(model, ids, fit_ids=fit, bootstrap=0).loss_ratios
+    _, sel = prune(model, "auto", input_ids=ids, fit_ids=fit, n=2)
     assert sel.dropped == sorted(sorted(range(6), key=ratios.__getitem__)[:2])
     assert sel.scores == pytest.approx(ratios)
+    with pytest.raises(AnalysisError, match="prune --drop auto refuses .* unreliable .* 48 tokens"):
+        prune(model, "auto", input_ids=ids, n=2)  # cross-fitted 4x16: 48 fit tokens per map
     window = angular_distance(model, ids).best_window(3)
     _, sel = prune(model, "auto", input_ids=ids, n=3, method="angular")
     assert sel.dropped == window["blocks"] == list(range(window["start"], window["start"] + 3))

@@ -1,8 +1,10 @@
 """`run_analysis`: what `depthlab analyze` does — load, sample, measure, save resumably, plot, summarise.
 
-Every finished metric is written atomically to ``metrics/<name>.json`` and merged into ``results.json`` at once, so an
-interrupted run keeps its work; a rerun with the same model weights, token sample and settings skips what is done.
-A metric that fails is recorded under ``errors`` and the others still run; the run then ends with an AnalysisError.
+The metrics run through `analyze` (the one metric loop); this module adds the provenance (model, samples, settings,
+versions, and `depthlab.provenance`'s date, command, device, dtype and model origin). Every finished metric is
+written atomically to ``metrics/<name>.json`` and merged into ``results.json`` at once, so an interrupted run keeps
+its work; a rerun with the same model weights, token samples and settings skips what is done. A metric that fails
+is recorded under ``errors`` and the others still run; the run then ends with an AnalysisError.
 """
 
 from __future__ import annotations
@@ -10,82 +12,95 @@ from __future__ import annotations
 import csv
 import io
 import json
-import platform
 import time
 from pathlib import Path
 
-import torch
-
-from depthlab import __version__
-from depthlab.analysis.defaults import CLI_METRICS, CLI_OPTIONS, NEAR_IDENTITY_ANGLE
+from depthlab.analysis.defaults import NEAR_IDENTITY_ANGLE, default_fit_samples
 from depthlab.analysis.results import to_jsonable
 from depthlab.errors import AnalysisError
 from depthlab.fileio import atomic_write_text
+from depthlab.provenance import provenance, versions
 
 
 def run_analysis(model: str, out_dir: str | Path, *, metrics=None, data: str | None = None, num_samples: int = 8,
-                 seq_len: int = 128, seed: int = 0, dtype: str | None = None, micro_batch_size: int = 8,
-                 options: dict | None = None, progress: bool = True, device: str = "cpu",
-                 log=print) -> dict:
-    """Analyse `model` (anything `load_model` accepts) on a seeded calibration sample and write `out_dir`.
+                 seq_len: int = 128, fit_samples: int | None = None, fit_seq_len: int | None = None, seed: int = 0,
+                 dtype: str | None = None, micro_batch_size: int = 8, options: dict | None = None,
+                 progress: bool = True, device: str = "cpu", log=print) -> dict:
+    """Analyse `model` (anything `load_model` accepts) on a seeded held-out sample and write `out_dir`.
 
-    Returns the results dict written to results.json. `metrics` None means CLI_METRICS (dense models skip moe).
+    num_samples x seq_len tokens are evaluated; the usefulness maps are fitted on a disjoint fit sample of
+    fit_samples x fit_seq_len tokens (defaults: seq_len, and enough sequences for FIT_TOKENS_PER_COEF·(d+1) tokens
+    per map, capped at MAX_FIT_TOKENS). data None means the held-out text of the model's own training run when it
+    is a depthlab run, else the held-out Shakespeare plays. Returns the results dict written to results.json.
     """
-    from depthlab.analysis.suite import METRICS, resolve_metrics
-    from depthlab.data import calibration_sample
+    from depthlab.analysis.engine import validate_ids
+    from depthlab.analysis.suite import analyze, resolve_metrics, resolve_options
+    from depthlab.data import calibration_samples, run_heldout
     from depthlab.loading import load_model, weights_hash
+    from depthlab.model.view import ModelView
 
-    explicit = metrics is not None and metrics != "default"
-    if metrics == "all":
-        names = list(METRICS)
-    else:
-        names = resolve_metrics(metrics) if explicit else list(CLI_METRICS)
-    opts = {k: dict(v) for k, v in CLI_OPTIONS.items()}
-    for k, v in (options or {}).items():
-        opts.setdefault(k, {}).update(v)
-    _check_options(opts)
+    names = resolve_metrics(metrics)
+    opts = resolve_options(options)
+    if fit_samples is not None and fit_samples < 1:
+        raise AnalysisError(f"--fit-samples must be >= 1, got {fit_samples}")
+    if fit_seq_len is not None and fit_seq_len < 2:
+        raise AnalysisError(f"--fit-seq-len must be >= 2, got {fit_seq_len}")
     dtype = dtype or ("bf16" if str(device).startswith("cuda") else "fp32")
     net, tokenizer = load_model(model, device=device, dtype=dtype)
-    ids, sample = calibration_sample(tokenizer, text=data, num_samples=num_samples, seq_len=seq_len, seed=seed)
-
-    from depthlab.analysis.engine import Engine
-
-    engine = Engine(net, ids, micro_batch_size=micro_batch_size)  # validates ids against the model first
-    if "moe" in names and not explicit and engine.stack.router(0) is None:
-        names.remove("moe")
+    view = ModelView(net)
+    heldout, disjoint = (data, None) if data is not None else run_heldout(net)
+    fit_seq_len = fit_seq_len or seq_len
+    fitting = "usefulness" in names
+    if fitting and fit_samples is None:
+        fit_samples = default_fit_samples(view.d_model, fit_seq_len)
+    ids, fit_ids, sample = calibration_samples(tokenizer, heldout, num_samples, seq_len,
+                                               fit_samples if fitting else 0, fit_seq_len, seed=seed)
+    sample["disjoint_from_training"] = disjoint
+    for sampled in (ids, fit_ids):  # bad samples are reported before anything is written
+        if sampled is not None:
+            validate_ids(sampled, view)
     identity = {"model": {"ref": str(model), "class": type(net).__name__, "weights_sha256": weights_hash(net),
-                          "n_layers": engine.n_layers, "d_model": engine.stack.d_model},
+                          "n_layers": view.n_layers, "d_model": view.d_model},
                 "sample": sample,
                 "settings": {"num_samples": num_samples, "seq_len": seq_len, "seed": seed, "dtype": dtype,
-                             "data": data, "micro_batch_size": micro_batch_size, "options": opts},
-                "versions": {"depthlab": __version__, "torch": torch.__version__, "python": platform.python_version(),
-                             "transformers": _version("transformers")}}
+                             "fit_samples": fit_samples if fitting else None,
+                             "fit_seq_len": fit_seq_len if fitting else None, "data": data,
+                             "micro_batch_size": micro_batch_size, "options": opts},
+                "versions": versions()}
     out = Path(out_dir)
     (out / "metrics").mkdir(parents=True, exist_ok=True)
     results = _resume(out, identity)
     results.update(identity)
+    results["provenance"] = provenance(net, device=device, dtype=dtype)
     results.setdefault("metrics", {})
     results["errors"] = {}
-    for name in names:
-        if name in results["metrics"]:
-            log(f"{name}: already done, skipped")
-            continue
-        shared = {"progress": progress} if name in ("weight_sparsity", "attention_sparsity") else {
-            "engine": engine, "progress": progress}
-        start = time.perf_counter()
-        try:
-            value = METRICS[name](net, ids, **shared, **opts.get(name, {})).to_dict()
-        except AnalysisError as e:
-            results["errors"][name] = str(e)
-            log(f"{name}: failed: {e}")
-            continue
-        value["seconds"] = round(time.perf_counter() - start, 2)
+    done = [name for name in names if name in results["metrics"]]
+    for name in done:
+        log(f"{name}: already done, skipped")
+    clock = [time.perf_counter()]
+
+    def on_result(name, result):
+        value = result.to_dict()
+        value["seconds"] = round(time.perf_counter() - clock[0], 2)
         atomic_write_text(out / "metrics" / f"{name}.json", json.dumps(value))
         results["metrics"][name] = value
         atomic_write_text(out / "results.json", json.dumps(results, indent=1))
         log(f"{name}: done in {value['seconds']:.1f}s")
-    engine.release()
-    results["summary"] = summarize(results["metrics"], engine.n_layers)
+        if value.get("reliable") is False:
+            log(f"warning: {name} is unreliable: {value['reason']}")
+        clock[0] = time.perf_counter()
+
+    def on_error(name, error):
+        results["errors"][name] = str(error)
+        log(f"{name}: failed: {error}")
+        clock[0] = time.perf_counter()
+
+    if "tuned_lens" in names:  # translators cached beside the results, so a rerun reuses them
+        cached = {"translators": str(out / "tuned_lens.safetensors")}
+        opts = {**opts, "tuned_lens": {**cached, **opts.get("tuned_lens", {})}}
+    analyze(net, ids, metrics, fit_ids=fit_ids, options=opts, micro_batch_size=micro_batch_size,
+            progress=progress, skip=done, on_result=on_result, on_error=on_error)
+    results["summary"] = summarize(results["metrics"], view.n_layers)
     atomic_write_text(out / "results.json", json.dumps(to_jsonable(results), indent=1))
     _write_tables(out, results["metrics"])
     from depthlab.analysis.plots import plot_result
@@ -96,31 +111,6 @@ def run_analysis(model: str, out_dir: str | Path, *, metrics=None, data: str | N
         failed = ", ".join(f"{k} ({v})" for k, v in results["errors"].items())
         raise AnalysisError(f"metrics failed: {failed}; the others are saved in {out}")
     return results
-
-
-def _check_options(options: dict[str, dict]) -> None:
-    """Unknown metrics or option names are input errors, reported before any work starts."""
-    import inspect
-
-    from depthlab.analysis.suite import METRICS
-
-    for metric, values in options.items():
-        if metric not in METRICS:
-            raise AnalysisError(f"option for unknown metric {metric!r}; metrics: {', '.join(METRICS)}")
-        params = inspect.signature(METRICS[metric]).parameters
-        allowed = [p for p, v in params.items() if v.kind == v.KEYWORD_ONLY and p not in ("engine", "progress")]
-        for key in values:
-            if key not in allowed:
-                raise AnalysisError(f"{metric} has no option {key!r}; options: {', '.join(allowed)}")
-
-
-def _version(package: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return None
 
 
 def _resume(out: Path, identity: dict) -> dict:
@@ -149,6 +139,9 @@ def summarize(metrics: dict, n_layers: int) -> dict:
         summary["effective_depth"] = sum(u["useful"])
         summary["useful_blocks"] = [i for i, x in enumerate(u["useful"]) if x]
         summary["usefulness_score"] = u["score"]
+        summary["usefulness_fit_tokens"] = u.get("fit_tokens")
+        summary["usefulness_reliable"] = u.get("reliable")
+        summary["usefulness_reason"] = u.get("reason")
     if "angular" in metrics:
         a = metrics["angular"]
         summary["near_identity_blocks"] = [i for i, x in enumerate(a["angular_distance"])
@@ -168,7 +161,10 @@ def format_summary(results: dict) -> str:
              + f"{sample['num_samples']}x{sample['seq_len']} tokens"]
     if "effective_depth" in s:
         lines.append(f"effective depth: {s['effective_depth']} of {s['n_layers']} blocks useful "
-                     f"(usefulness {s['usefulness_score']:.3f}); useful: {s['useful_blocks']}")
+                     f"(usefulness {s['usefulness_score']:.3f}, maps fitted on {s['usefulness_fit_tokens']} "
+                     f"tokens); useful: {s['useful_blocks']}")
+        if s.get("usefulness_reliable") is False:
+            lines.append(f"warning: usefulness is unreliable: {s['usefulness_reason']}")
     if "near_identity_blocks" in s:
         w = s["most_prunable_window"]
         lines.append(f"near-identity blocks (angular distance < {NEAR_IDENTITY_ANGLE}): {s['near_identity_blocks']}")

@@ -1,10 +1,16 @@
-"""`analyze`: run several metrics on one model and one token sample, sharing the engine's cached baseline."""
+"""`analyze`: the one metric loop — several metrics on one model and one token sample, sharing one engine.
+
+`depthlab analyze` (`analysis.runner`), the studies and `depthlab doctor` all run their metrics through it; the
+runner adds provenance and saves each result from `on_result`.
+"""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 from depthlab.analysis.branches import branch_effects
+from depthlab.analysis.defaults import DEFAULT_METRICS, DEFAULT_OPTIONS
 from depthlab.analysis.engine import Engine
 from depthlab.analysis.interventions import causal_effects, permutation_scores
 from depthlab.analysis.jacobians import jacobian
@@ -30,45 +36,73 @@ METRICS: dict[str, Callable] = {
     "tuned_lens": tuned_lens,
     "branches": branch_effects,
 }
-"""Metric name → public function. Every function takes (model, input_ids, **options) and returns a Result."""
-
-DEFAULT_METRICS = ("variance", "angular", "usefulness", "causal", "permutation", "jacobian", "weight_sparsity",
-                   "attention_sparsity", "moe")
-ENGINE_FREE = {"weight_sparsity", "attention_sparsity"}  # read weights or run their own instrumented pass
+"""Metric name → public function ``(model, input_ids, *, engine=None, progress=False, **options) -> Result``."""
 
 
 def resolve_metrics(metrics) -> list[str]:
-    """A list of names, a comma-separated string, or "all" → validated metric names in the given order."""
-    if metrics is None or metrics == "all":
+    """None or "default" (DEFAULT_METRICS), "all" (every metric), a list of names or a comma-separated string →
+    validated metric names in the given order."""
+    if metrics is None or metrics == "default":
         return list(DEFAULT_METRICS)
+    if metrics == "all":
+        return list(METRICS)
     names = [m.strip() for m in metrics.split(",")] if isinstance(metrics, str) else list(metrics)
     unknown = [m for m in names if m not in METRICS]
     if unknown:
-        raise AnalysisError(f"unknown metric {unknown[0]!r}; choose from {', '.join(METRICS)} or 'all'")
+        raise AnalysisError(f"unknown metric {unknown[0]!r}; choose from {', '.join(METRICS)}, 'default' or 'all'")
     if not names:
         raise AnalysisError("no metrics given")
     return list(dict.fromkeys(names))
 
 
-def analyze(model, input_ids, metrics=None, *, options: dict[str, dict] | None = None, micro_batch_size: int = 8,
-            cache_budget_mb: float = 2048.0, progress: bool = False,
-            on_result: Callable[[str, Result], None] | None = None) -> dict[str, Result]:
-    """Run `metrics` (default: all that apply) and return {name: result}.
+def resolve_options(options: dict[str, dict] | None) -> dict[str, dict]:
+    """DEFAULT_OPTIONS overridden by `options`; unknown metrics or option names are input errors."""
+    merged = {k: dict(v) for k, v in DEFAULT_OPTIONS.items()}
+    for metric, values in (options or {}).items():
+        if metric not in METRICS:
+            raise AnalysisError(f"option for unknown metric {metric!r}; metrics: {', '.join(METRICS)}")
+        params = inspect.signature(METRICS[metric]).parameters
+        allowed = [p for p, v in params.items() if v.kind == v.KEYWORD_ONLY and p not in ("engine", "progress")]
+        for key in values:
+            if key not in allowed:
+                raise AnalysisError(f"{metric} has no option {key!r}; options: {', '.join(allowed)}")
+        merged.setdefault(metric, {}).update(values)
+    return merged
 
-    `options` holds per-metric keyword arguments, e.g. ``{"usefulness": {"tau": 0.2}}``. The baseline is computed
-    once and shared while it fits `cache_budget_mb`. `on_result(name, result)` is called as each metric finishes
-    (the CLI saves it there, so an interrupted run keeps finished metrics). ``moe`` is skipped for dense models
-    when it was not asked for explicitly.
+
+def analyze(model, input_ids, metrics=None, *, fit_ids=None, options: dict[str, dict] | None = None,
+            micro_batch_size: int = 8, cache_budget_mb: float = 2048.0, progress: bool = False, skip=(),
+            on_result: Callable[[str, Result], None] | None = None,
+            on_error: Callable[[str, AnalysisError], None] | None = None) -> dict[str, Result]:
+    """Run `metrics` on `input_ids` [N, T] and return {name: result}.
+
+    metrics: None or "default" runs DEFAULT_METRICS (the same set `depthlab analyze` runs), "all" every metric;
+    ``moe`` is dropped for dense models unless named explicitly. options: per-metric keyword arguments over
+    DEFAULT_OPTIONS (permutation over adjacent pairs, the Jacobian estimate), e.g. ``{"usefulness": {"tau": 0.2}}``.
+    fit_ids: the sample the usefulness maps are fitted on (None cross-fits `input_ids`, see `usefulness`).
+    skip: names not to run (already done). The baseline is computed once and shared while it fits
+    `cache_budget_mb`. `on_result(name, result)` is called as each metric finishes (the CLI saves it there, so an
+    interrupted run keeps finished metrics). With `on_error`, a metric raising AnalysisError is reported there and
+    the others still run; without, the error propagates.
     """
     names = resolve_metrics(metrics)
-    options = options or {}
+    opts = resolve_options(options)
     engine = Engine(model, input_ids, micro_batch_size=micro_batch_size, cache_budget_mb=cache_budget_mb)
-    if metrics in (None, "all") and engine.stack.router(0) is None:
+    if "moe" in names and metrics in (None, "default", "all") and engine.stack.router(0) is None:
         names.remove("moe")
+    if fit_ids is not None:
+        opts.setdefault("usefulness", {})["fit_ids"] = fit_ids
     results = {}
     for name in names:
-        shared = {"progress": progress} if name in ENGINE_FREE else {"engine": engine, "progress": progress}
-        results[name] = METRICS[name](model, input_ids, **shared, **options.get(name, {}))
+        if name in skip:
+            continue
+        try:
+            results[name] = METRICS[name](model, input_ids, engine=engine, progress=progress, **opts.get(name, {}))
+        except AnalysisError as e:
+            if on_error is None:
+                raise
+            on_error(name, e)
+            continue
         if on_result is not None:
             on_result(name, results[name])
     engine.release()

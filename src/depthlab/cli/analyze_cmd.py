@@ -5,25 +5,32 @@ from __future__ import annotations
 import argparse
 import json
 
-from depthlab.analysis.defaults import CLI_METRICS
+from depthlab.analysis.defaults import DEFAULT_METRICS, FIT_TOKENS_PER_COEF, MAX_FIT_TOKENS
 from depthlab.cli import common
 
 
 def register(sub, help_: str) -> None:
     p = sub.add_parser(
         "analyze", help=help_, formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=f"{help_}.\n\nDefaults are sized for a CPU: 8 sequences x 128 tokens in fp32 finish the default "
-        "metrics on SmolLM2 (30 blocks) in a few minutes on 2 cores (bf16 matmuls are slower than fp32 on most "
-        "CPUs; bf16 is the default on CUDA). The Python API (depthlab.analyze) uses SPEC defaults (64x512). "
-        "Finished metrics are saved as they complete: rerunning the same command resumes.",
-        epilog=f"default metrics: {','.join(CLI_METRICS)} (moe only for MoE models; permutation over adjacent "
-        "pairs). 'all' adds jacobian (Rademacher estimate). Options per metric: --option usefulness.tau=0.2")
+        description=f"{help_}.\n\nDefaults are sized for a CPU: the metrics are evaluated on 8 sequences x 128 "
+        "tokens in fp32 (bf16 matmuls are slower than fp32 on most CPUs; bf16 is the default on CUDA), and the "
+        f"usefulness maps are fitted on a separate, disjoint sample of {FIT_TOKENS_PER_COEF}*(d+1) tokens per map "
+        f"(at most {MAX_FIT_TOKENS}), which needs only the cheap baseline pass; SmolLM2 takes a few minutes on 2 "
+        "cores. The text is held out from the model's own training run (depthlab runs) or is the held-out "
+        "Shakespeare plays. Finished metrics are saved as they complete: rerunning the same command resumes.",
+        epilog=f"default metrics (the same as depthlab.analyze): {','.join(DEFAULT_METRICS)} (moe only for MoE "
+        "models; permutation over adjacent pairs). 'all' adds jacobian (Rademacher estimate), lens, branches and "
+        "tuned_lens (which trains translators: slow on a CPU for large vocabularies). Options per "
+        "metric: --option usefulness.tau=0.2")
     common.add_model(p)
     p.add_argument("--metrics", default=None, help="comma-separated metric names, or 'all' (default: see below)")
     p.add_argument("--data", default=None, help="calibration text: a file/folder or prepared dataset "
                    "(default: held-out Shakespeare)")
     p.add_argument("--num-samples", type=int, default=8, help="sequences N (default 8)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence T (default 128)")
+    p.add_argument("--fit-samples", type=int, default=None,
+                   help=f"sequences of the usefulness fit sample (default: {FIT_TOKENS_PER_COEF}*(d+1) tokens)")
+    p.add_argument("--fit-seq-len", type=int, default=None, help="tokens per fit sequence (default: --seq-len)")
     common.add_seed(p)
     common.add_dtype(p)
     common.add_device(p)
@@ -58,12 +65,18 @@ def parse_options(items: list[str]) -> dict[str, dict]:
 
 
 def run(args) -> int:
-    if args.checkpoints is not None:
-        return _track(args)
+    from depthlab.rundir import folder_lock
+
+    with folder_lock(args.out, "analyze"):  # a second analyze into the same folder is refused, never interleaved
+        return _track(args) if args.checkpoints is not None else _analyze(args)
+
+
+def _analyze(args) -> int:
     from depthlab.analysis.runner import format_summary, run_analysis
 
     results = run_analysis(args.model, args.out, metrics=args.metrics, data=args.data, num_samples=args.num_samples,
-                           seq_len=args.seq_len, seed=args.seed, dtype=args.dtype, device=args.device,
+                           seq_len=args.seq_len, fit_samples=args.fit_samples, fit_seq_len=args.fit_seq_len,
+                           seed=args.seed, dtype=args.dtype, device=args.device,
                            micro_batch_size=args.micro_batch_size, options=parse_options(args.option),
                            progress=not args.quiet)
     if common.emit_json(args, results):

@@ -12,7 +12,7 @@ def register(sub, help_: str) -> None:
         "doctor", help=help_, formatter_class=argparse.RawDescriptionHelpFormatter,
         description=f"{help_}.\n\nRuns variance, angular distance, usefulness, a Jacobian estimate, attention and "
         "weight sparsity on a small seeded held-out sample (default 8x128 tokens: a few minutes for SmolLM2 on 2 CPU "
-        "cores). Use more tokens than the model's width + 1, or every usefulness fit is exact.")
+        "cores); the usefulness maps are fitted on a separate held-out sample of 32*(d+1) tokens.")
     common.add_model(p)
     p.add_argument("--num-samples", type=int, default=8, help="calibration sequences N (default 8)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence T (default 128)")

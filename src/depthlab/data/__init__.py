@@ -8,7 +8,7 @@
 See docs/data.md for sources, the folder layout and the determinism guarantees.
 """
 
-from depthlab.data.calibration import calibration_sample, token_sha256
+from depthlab.data.calibration import calibration_sample, calibration_samples, run_heldout, token_sha256
 from depthlab.data.dataset import TokenDataset
 from depthlab.data.prepare import (
     cache_dir,
@@ -30,6 +30,7 @@ from depthlab.data.tokenizer import EOT, load_tokenizer, train_bpe
 
 __all__ = [
     "EOT", "HELDOUT_PLAYS", "Corpus", "Document", "TokenDataset", "cache_dir", "calibration_sample",
+    "calibration_samples",
     "default_dataset", "default_dataset_dir", "eval_batches", "load_tokenizer", "markdown_to_text", "open_source",
-    "prepare_data", "sample_batch", "shakespeare_corpus", "split_documents", "token_sha256", "train_bpe",
+    "prepare_data", "run_heldout", "sample_batch", "shakespeare_corpus", "split_documents", "token_sha256", "train_bpe",
 ]

@@ -12,8 +12,10 @@ identity — plus the weight-only and attention sparsity measurements, and turns
 * sparsity: GQA group size and MoE density k/E from the config, attention entropy, weight sparsity;
 * the recipe levers (`depthlab.tools.recipe`) the model does not use.
 
-The usefulness fit needs more calibration tokens than d + 1 (the affine map has d + 1 coefficients per output):
-with fewer, every block is fitted exactly and every loss ratio is 1. `diagnose` warns about that.
+Every metric runs through `depthlab.analysis.analyze`. The usefulness maps are fitted on a separate sample of
+FIT_TOKENS_PER_COEF·(d+1) tokens, disjoint from the evaluation sample (or cross-fitted over given `input_ids`);
+when a map saw fewer than 10·(d+1) tokens the scores are unreliable and `diagnose` refuses to
+report useful blocks from them.
 """
 
 from __future__ import annotations
@@ -26,18 +28,11 @@ from pathlib import Path
 
 import torch
 
-from depthlab.analysis import (
-    angular_distance,
-    attention_sparsity,
-    jacobian,
-    usefulness,
-    variance_profile,
-    weight_sparsity,
-)
-from depthlab.analysis.defaults import NEAR_IDENTITY_ANGLE
-from depthlab.analysis.engine import Engine
+from depthlab.analysis import analyze
+from depthlab.analysis.defaults import NEAR_IDENTITY_ANGLE, default_fit_samples
+from depthlab.analysis.replacement import require_reliable
 from depthlab.analysis.results import to_jsonable
-from depthlab.data import calibration_sample
+from depthlab.data import calibration_samples
 from depthlab.data.calibration import token_sha256
 from depthlab.errors import AnalysisError
 from depthlab.fileio import atomic_write_text
@@ -47,9 +42,6 @@ from depthlab.tools.recipe import CONTEXT, GQA_GROUP, WEIGHT_DECAY
 
 NEAR_IDENTITY_JACOBIAN = 0.25
 """A block is near-identity when ||M − I||_F / ||I||_F (= jacobian_norm·sqrt(d)) is below this."""
-FIT_TOKENS_PER_COEF = 10
-"""Below this many calibration tokens per fitted coefficient (d + 1), the doctor warns that the least-squares fits
-overfit: the expected in-sample residual of a least-squares fit is (1 − (d+1)/tokens) times the true one."""
 MOE_DENSITY = 1 / 8
 """The recipe's MoE density k/E."""
 
@@ -215,11 +207,13 @@ def recipe_levers(shape: dict, weight_decay: float | None) -> list[dict]:
     ]
 
 
-def diagnose(model, tokenizer=None, input_ids: torch.Tensor | None = None, *, num_samples: int = 8,
-             seq_len: int = 128, seed: int = 0, data=None, tau: float = 0.10, probes: int = 8,
+def diagnose(model, tokenizer=None, input_ids: torch.Tensor | None = None, *, fit_ids: torch.Tensor | None = None,
+             num_samples: int = 8, seq_len: int = 128, seed: int = 0, data=None, tau: float = 0.10, probes: int = 8,
              jacobian_samples: int = 2, micro_batch_size: int = 8, name: str | None = None,
              progress: bool = False) -> Diagnosis:
-    """Diagnose `model` on `input_ids` [N, T] (or a seeded calibration sample drawn with `tokenizer`).
+    """Diagnose `model` on `input_ids` [N, T] (or a seeded calibration sample drawn with `tokenizer`, with a
+    disjoint usefulness fit sample of FIT_TOKENS_PER_COEF·(d+1) tokens; given `input_ids` without `fit_ids` are
+    cross-fitted). Unreliable usefulness scores (too few fit tokens per map) are an AnalysisError.
 
     The Jacobian estimate (probes Rademacher vectors, no power iteration) runs on the first `jacobian_samples`
     sequences only: it is the costliest part and its summaries need far fewer tokens than the usefulness fit.
@@ -228,43 +222,33 @@ def diagnose(model, tokenizer=None, input_ids: torch.Tensor | None = None, *, nu
     if input_ids is None:
         if tokenizer is None:
             raise AnalysisError("diagnose needs input_ids or a tokenizer to draw a calibration sample")
-        input_ids, sample = calibration_sample(tokenizer, text=data, num_samples=num_samples, seq_len=seq_len,
-                                               seed=seed)
+        fit_samples = default_fit_samples(ModelView(model).d_model, seq_len)
+        input_ids, fit_ids, sample = calibration_samples(tokenizer, data, num_samples, seq_len, fit_samples,
+                                                         seed=seed)
     else:
         sample = {"source": "given input_ids", "seed": None, "num_samples": input_ids.shape[0],
                   "seq_len": input_ids.shape[1], "token_sha256": token_sha256(input_ids)}
     if jacobian_samples < 1:
         raise AnalysisError(f"jacobian_samples must be >= 1, got {jacobian_samples}")
-    engine = Engine(model, input_ids, micro_batch_size=micro_batch_size)
-    L, d = engine.n_layers, engine.stack.d_model
-    warnings = []
-    tokens = input_ids.numel()
-    if tokens <= d + 1:
-        warnings.append(f"{tokens} calibration tokens <= d+1 = {d + 1}: every affine fit is exact and "
-                        "every loss ratio is 1; use more tokens")
-    elif tokens < FIT_TOKENS_PER_COEF * (d + 1):
-        warnings.append(f"{tokens} calibration tokens for d+1 = {d + 1} coefficients per output: the affine fits "
-                        f"overfit the sample (in-sample residual x{1 - (d + 1) / tokens:.2f}), so loss ratios are "
-                        f"biased toward 1 and the effective depth is a lower bound; >= "
-                        f"{FIT_TOKENS_PER_COEF * (d + 1)} tokens keep that bias under 10%")
-    shared = {"engine": engine, "progress": progress}
+    view = ModelView(model)
+    L, d = view.n_layers, view.d_model
+    warnings: list[str] = []
     timings = {}
+    clock = [time.perf_counter()]
 
-    def timed(name, fn, *args, **kwargs):
-        t = time.perf_counter()
-        result = fn(model, *args, **kwargs)
-        timings[name] = round(time.perf_counter() - t, 2)
-        return result
+    def timed(name, result):
+        timings[name] = round(time.perf_counter() - clock[0], 2)
+        clock[0] = time.perf_counter()
 
-    var = timed("variance", variance_profile, input_ids, **shared)  # runs (and caches) the baseline pass
-    ang = timed("angular", angular_distance, input_ids, **shared)
-    use = timed("usefulness", usefulness, input_ids, tau=tau, bootstrap=0, **shared)
-    engine.release()
-    jac = timed("jacobian", jacobian, input_ids[:jacobian_samples], mode="estimate", probes=probes, power_iters=0,
-                seed=seed, micro_batch_size=micro_batch_size, progress=progress)
-    att = timed("attention_sparsity", attention_sparsity, input_ids[:micro_batch_size],
-                micro_batch_size=micro_batch_size, progress=progress)
-    ws = timed("weight_sparsity", weight_sparsity)
+    common = {"micro_batch_size": micro_batch_size, "progress": progress, "on_result": timed}
+    res = analyze(model, input_ids, ["variance", "angular", "usefulness"], fit_ids=fit_ids,
+                  options={"usefulness": {"tau": tau, "bootstrap": 0}}, **common)
+    var, ang, use = res["variance"], res["angular"], res["usefulness"]
+    require_reliable(use, "doctor")
+    jac = analyze(model, input_ids[:jacobian_samples], ["jacobian"], options={"jacobian": {
+        "mode": "estimate", "probes": probes, "power_iters": 0, "seed": seed}}, **common)["jacobian"]
+    res = analyze(model, input_ids[:micro_batch_size], ["attention_sparsity", "weight_sparsity"], **common)
+    att, ws = res["attention_sparsity"], res["weight_sparsity"]
 
     jn = [row["jacobian_norm"] for row in jac.layers]
     near = []
@@ -275,7 +259,7 @@ def diagnose(model, tokenizer=None, input_ids: torch.Tensor | None = None, *, nu
         if reasons:
             near.append({"layer": l, "angular_distance": ang.angular_distance[l], "jacobian_rel": rel,
                          "reasons": reasons})
-    shape = model_shape(engine.stack)
+    shape = model_shape(view)
     sizes = torch.tensor([m["size"] for m in ws.matrices], dtype=torch.float64)
     frac = torch.tensor([m["frac_below_rel_0.001"] for m in ws.matrices], dtype=torch.float64)
     hoy = torch.tensor([m["hoyer"] for m in ws.matrices], dtype=torch.float64)

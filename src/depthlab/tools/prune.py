@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from depthlab.analysis import angular_distance, usefulness
+from depthlab.analysis.replacement import require_reliable
 from depthlab.errors import DepthlabError
 from depthlab.fileio import check_folder_target, dumps_json, write_folder
 from depthlab.model.view import ModelView
@@ -83,8 +84,12 @@ def _checked(dropped: list[int], n_layers: int) -> list[int]:
 
 
 def select_blocks(model, drop, *, input_ids: torch.Tensor | None = None, n: int | None = None,
-                  method: str = "usefulness", progress: bool = False) -> Selection:
-    """Resolve `drop` ("auto", a list string like "3,5-7", or a list of ints) to the blocks to remove."""
+                  method: str = "usefulness", fit_ids: torch.Tensor | None = None,
+                  progress: bool = False) -> Selection:
+    """Resolve `drop` ("auto", a list string like "3,5-7", or a list of ints) to the blocks to remove.
+
+    With usefulness the maps are fitted on `fit_ids` (None cross-fits `input_ids`); unreliable scores (too few fit
+    tokens per map) are refused rather than used to choose."""
     L = ModelView(model).n_layers
     if drop != "auto":
         if isinstance(drop, str):
@@ -98,7 +103,9 @@ def select_blocks(model, drop, *, input_ids: torch.Tensor | None = None, n: int 
     if input_ids is None:
         raise PruneError("drop='auto' needs a calibration sample (input_ids)")
     if method == "usefulness":
-        ratios = usefulness(model, input_ids, bootstrap=0, progress=progress).loss_ratios
+        scores = usefulness(model, input_ids, fit_ids=fit_ids, bootstrap=0, progress=progress)
+        require_reliable(scores, "prune --drop auto")
+        ratios = scores.loss_ratios
         return Selection(sorted(sorted(range(L), key=ratios.__getitem__)[:n]), method, ratios)
     window = angular_distance(model, input_ids, progress=progress).best_window(n)
     return Selection(window["blocks"], method, [window["distance"]])
@@ -155,7 +162,8 @@ def zero_branches(model: nn.Module, unit: str, layers: list[int]) -> nn.Module:
 
 
 def prune(model, drop, *, unit: str = "block", input_ids: torch.Tensor | None = None, n: int | None = None,
-          method: str = "usefulness", progress: bool = False) -> tuple[nn.Module, Selection]:
+          method: str = "usefulness", fit_ids: torch.Tensor | None = None,
+          progress: bool = False) -> tuple[nn.Module, Selection]:
     """A copy of `model` without the dropped blocks (see the module docstring) — or, with `unit` "attn" | "mlp",
     with those blocks' attention / MLP sub-layers zeroed (`zero_branches`) — and how they were chosen.
 
@@ -166,7 +174,8 @@ def prune(model, drop, *, unit: str = "block", input_ids: torch.Tensor | None = 
     if unit != "block":
         selection = select_branches(model, drop, unit, input_ids=input_ids, n=n, method=method, progress=progress)
         return zero_branches(model, unit, selection.dropped), selection
-    selection = select_blocks(model, drop, input_ids=input_ids, n=n, method=method, progress=progress)
+    selection = select_blocks(model, drop, input_ids=input_ids, n=n, method=method, fit_ids=fit_ids,
+                              progress=progress)
     view = ModelView(model)
     kept = [l for l in range(view.n_layers) if l not in selection.dropped]
     if view.native:
@@ -328,11 +337,13 @@ def prune_model(model: str | Path, drop, out: str | Path, *, n: int | None = Non
     """What `depthlab prune` does: load, choose, prune, measure before/after, save; returns the report.
 
     Calibration (for drop="auto") and perplexity use disjoint windows of one seeded held-out sample: the first
-    `num_samples` windows choose the blocks, the next `eval_samples` measure perplexity. `tasks` (comma list)
+    `num_samples` windows choose the blocks, the next `eval_samples` measure perplexity; the usefulness maps are
+    fitted on a further disjoint sample of 32·(d+1) tokens. `tasks` (comma list)
     adds zero-shot accuracy on the first `limit` examples of each task. Writes `out/prune_report.json`. `out` must be
     new or empty unless `overwrite` (checked before any work), and is never the source model's folder.
     """
-    from depthlab.data import calibration_sample
+    from depthlab.analysis.defaults import default_fit_samples
+    from depthlab.data import calibration_samples
     from depthlab.loading import load_model
     from depthlab.precision import resolve_dtype
     from depthlab.provenance import provenance
@@ -344,10 +355,13 @@ def prune_model(model: str | Path, drop, out: str | Path, *, n: int | None = Non
     protect = [model] if Path(str(model)).exists() else []
     check_folder_target(out, overwrite=overwrite, protect=protect)
     net, tokenizer = load_model(model, device=device, dtype=resolve_dtype(dtype, device))
-    ids, sample = calibration_sample(tokenizer, text=data, num_samples=num_samples + eval_samples, seq_len=seq_len,
-                                     seed=seed)
+    fitting = drop == "auto" and unit == "block" and method == "usefulness"
+    fit_samples = default_fit_samples(ModelView(net).d_model, seq_len) if fitting else 0
+    ids, fit_ids, sample = calibration_samples(tokenizer, data, num_samples + eval_samples, seq_len, fit_samples,
+                                               seed=seed)
     calib, eval_ids = ids[:num_samples], ids[num_samples:]
-    pruned, selection = prune(net, drop, unit=unit, input_ids=calib, n=n, method=method, progress=progress)
+    pruned, selection = prune(net, drop, unit=unit, input_ids=calib, n=n, method=method, fit_ids=fit_ids,
+                              progress=progress)
     before = _measure(net, tokenizer, eval_ids, tasks, limit)
     after = _measure(pruned, tokenizer, eval_ids, tasks, limit)
     source_config = RunDir.of(net.checkpoint_path).read_config() if getattr(net, "checkpoint_path", None) else None
