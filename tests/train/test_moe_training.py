@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from depthlab import measures
 from depthlab.config import Config, ModelConfig, MoEConfig
 from depthlab.data import prepare_data
 from depthlab.model.moe import batch_routing
@@ -73,8 +74,9 @@ def test_short_moe_training_run_learns_and_logs_moe_and_sparsity_stats(dataset, 
                                "ffn.experts.w_up", "ffn.experts.w_down", "ffn.shared.w_gate", "ffn.shared.w_up",
                                "ffn.shared.w_down"}
             assert all(0 <= v <= 1 for stats in ws.values() for v in stats.values())
-            assert 0 < layer["attn_entropy"] <= math.log(32) and 0 < layer["attn_entropy_norm"] <= 1
-            assert 1 <= layer["attn_support"] <= 32 and 0 < layer["attn_top1"] <= layer["attn_top8"] <= 1
+            assert 0 < layer["attn_entropy"] <= math.log(32) and 0 < layer["attn_normalized_entropy"] <= 1
+            assert 1 <= layer["attn_effective_support"] <= 32
+            assert 0 < layer["attn_top1_mass"] <= layer["attn_top8_mass"] <= 1
             assert len(layer["attn_entropy_heads"]) == 4
 
 
@@ -150,62 +152,7 @@ def test_data_parallel_ranks_reproduce_the_single_process_gradient(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Implicit-sparsity formulas (SPEC §5.6, §5.7)
-
-
-def test_weight_sparsity_against_hand_counts():
-    w = torch.tensor([[0.0, 1e-5, -5e-4], [2e-3, -0.5, 1.0]])
-    stats = {k: v.item() for k, v in sparsity.weight_sparsity(w).items()}
-    # |w|/max: 0, 1e-5, 5e-4, 2e-3, 0.5, 1 → below 1e-3: three; below 1e-2: four; below abs 1e-3: three.
-    assert stats["rel_0.001"] == pytest.approx(3 / 6) and stats["rel_0.01"] == pytest.approx(4 / 6)
-    assert stats["abs_0.001"] == pytest.approx(3 / 6)
-    a = w.abs().flatten().double()
-    expected = (math.sqrt(6) - a.sum() / a.norm()) / (math.sqrt(6) - 1)
-    assert stats["hoyer"] == pytest.approx(expected.item())
-    assert sparsity.hoyer(torch.tensor([0.0, 0.0, 3.0])).item() == pytest.approx(1.0)
-    assert sparsity.hoyer(torch.tensor([-2.0, 2.0, 2.0, -2.0])).item() == pytest.approx(0.0)
-
-
-def test_magnitude_histogram_bins_by_decade():
-    w = torch.tensor([0.0, 1e-9, 5e-4, 0.05, 0.2, -1.0])
-    edges, fractions = sparsity.magnitude_histogram(w, decades=3)
-    assert edges == [0.0, 1e-3, 1e-2, 1e-1, 1.0]
-    assert fractions == pytest.approx([3 / 6, 0.0, 1 / 6, 2 / 6])
-
-
-def _attention_reference(p: torch.Tensor) -> dict[str, float]:
-    """Row by row with Python floats: entropy, normalised entropy (rows ≥ 1), support, top-1 and top-8 mass."""
-    T = p.shape[0]
-    ent, norm, supp, top1, top8 = [], [], [], [], []
-    for i in range(T):
-        row = [p[i, j].item() for j in range(T)]
-        h = -sum(a * math.log(a) for a in row if a > 0)
-        ent.append(h)
-        if i:
-            norm.append(h / math.log(i + 1))
-        supp.append(1 / sum(a * a for a in row))
-        ranked = sorted(row, reverse=True)
-        top1.append(ranked[0])
-        top8.append(sum(ranked[:8]))
-    mean = lambda v: sum(v) / len(v)
-    return {"entropy": mean(ent), "entropy_norm": mean(norm), "support": mean(supp), "top1": mean(top1),
-            "top8": mean(top8)}
-
-
-def test_attention_sparsity_against_row_by_row_reference():
-    T = 12
-    scores = torch.randn(3, T, T) * 2
-    probs = scores.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf")).softmax(-1)
-    got = sparsity.attention_sparsity(probs)
-    for h in range(3):
-        ref = _attention_reference(probs[h])
-        for key, value in ref.items():
-            assert got[key][h].item() == pytest.approx(value, rel=1e-9), key
-    uniform = torch.ones(T, T).tril()
-    uniform = uniform / uniform.sum(-1, keepdim=True)
-    u = sparsity.attention_sparsity(uniform)
-    assert u["entropy_norm"].item() == pytest.approx(1.0)
-    assert u["support"].item() == pytest.approx((T + 1) / 2)  # mean of 1..T visible keys
+# Implicit-sparsity statistics (SPEC §5.6, §5.7); the formulas themselves are tested in tests/test_measures.py
 
 
 def test_attention_sparsity_by_layer_uses_each_blocks_attention_input():
@@ -214,20 +161,20 @@ def test_attention_sparsity_by_layer_uses_each_blocks_attention_input():
                                     mix_fraction=0.34, lns=True))
     probe = torch.randint(0, 40, (2, 10))
     got = sparsity.attention_sparsity_by_layer(model, probe)
-    expected = [dict.fromkeys(("entropy", "support"), 0.0) for _ in range(3)]
+    expected = [dict.fromkeys(("entropy", "effective_support"), 0.0) for _ in range(3)]
     with torch.no_grad():
         for seq in probe:
             h = model.embed(seq[None])
             for i, block in enumerate(model.blocks):
                 # block 0 is post-LN (attention sees x·s), blocks 1-2 pre-LN (attention sees N1(x)·s)
                 a_in = h * block.scale if block.placement == "post" else block.norm1(h) * block.scale
-                stats = sparsity.attention_sparsity(block.attn.probabilities(a_in)[0])
+                stats = measures.attention_means(measures.attention_sums(block.attn.probabilities(a_in)))
                 for key in expected[i]:
                     expected[i][key] += stats[key].mean().item() / len(probe)
                 h = block(h)
     for entry, ref in zip(got, expected):
         assert entry["attn_entropy"] == pytest.approx(ref["entropy"], rel=1e-6)
-        assert entry["attn_support"] == pytest.approx(ref["support"], rel=1e-6)
+        assert entry["attn_effective_support"] == pytest.approx(ref["effective_support"], rel=1e-6)
         assert entry["attn_entropy"] == pytest.approx(sum(entry["attn_entropy_heads"]) / 2, rel=1e-9)
     assert model.training  # restored
 
@@ -240,5 +187,5 @@ def test_weight_sparsity_by_block_covers_every_matrix_once():
     entries = sparsity.weight_sparsity_by_block(model)
     assert entries[0]["weight_sparsity"].keys() == {"attn.wq", "attn.wk", "attn.wv", "attn.wo", "ffn.router",
                                                     "ffn.experts.w_gate", "ffn.experts.w_up", "ffn.experts.w_down"}
-    assert entries[1]["weight_sparsity"]["ffn.experts.w_up"]["rel_0.001"] >= 0.5
-    assert entries[0]["weight_sparsity"]["ffn.experts.w_up"]["rel_0.001"] < 0.1
+    assert entries[1]["weight_sparsity"]["ffn.experts.w_up"]["frac_below_rel_0.001"] >= 0.5
+    assert entries[0]["weight_sparsity"]["ffn.experts.w_up"]["frac_below_rel_0.001"] < 0.1

@@ -1,7 +1,8 @@
 """Per-layer profiles of the residual stream: variance (SPEC §5.1) and angular distance / block influence (§5.2).
 
 Both are read straight off the cached baseline: no intervention, one pass. Sums over tokens are accumulated in
-fp64 and divided at the end, so micro-batching does not change the result.
+fp64 and divided at the end, so micro-batching does not change the result. The per-token statistics are
+`depthlab.measures` (the same functions the training statistics use).
 """
 
 from __future__ import annotations
@@ -14,15 +15,7 @@ from tqdm import tqdm
 
 from depthlab.analysis.engine import Engine, get_engine
 from depthlab.analysis.results import Result
-
-
-def _feature_var(x: torch.Tensor) -> torch.Tensor:
-    """Variance across the d features of each token (population variance), fp64, flattened to [tokens]."""
-    return x.double().reshape(-1, x.shape[-1]).var(dim=-1, unbiased=False)
-
-
-def _norm(x: torch.Tensor) -> torch.Tensor:
-    return x.double().reshape(-1, x.shape[-1]).norm(dim=-1)
+from depthlab.measures import feature_variance, token_norm
 
 
 @dataclass
@@ -65,19 +58,19 @@ def variance_profile(model, input_ids, *, micro_batch_size: int = 8, cache_budge
                      leave=False):
         hs = base.hs
         tokens += base.ids.numel()
-        embed_var += _feature_var(hs[0]).sum().item()
+        embed_var += feature_variance(hs[0]).sum().item()
         with torch.no_grad():
-            final_var += _feature_var(eng.stack.final_norm(hs[-1])).sum().item()
+            final_var += feature_variance(eng.stack.final_norm(hs[-1])).sum().item()
         for l in range(L):
-            sums["out_var"][l] += _feature_var(hs[l + 1]).sum()
-            sums["stream_norm"][l] += _norm(hs[l + 1]).sum()
-            sums["in_norm"][l] += _norm(hs[l]).sum()
-            sums["update"][l] += _norm(hs[l + 1].double() - hs[l].double()).sum()
+            sums["out_var"][l] += feature_variance(hs[l + 1]).sum()
+            sums["stream_norm"][l] += token_norm(hs[l + 1]).sum()
+            sums["in_norm"][l] += token_norm(hs[l]).sum()
+            sums["update"][l] += token_norm(hs[l + 1].double() - hs[l].double()).sum()
             if l in missing:
                 continue
             for name in ("attn", "ffn"):
-                sums[f"{name}_var"][l] += _feature_var(base.branches[name][l]).sum()
-                sums[f"{name}_norm"][l] += _norm(base.branches[name][l]).sum()
+                sums[f"{name}_var"][l] += feature_variance(base.branches[name][l]).sum()
+                sums[f"{name}_norm"][l] += token_norm(base.branches[name][l]).sum()
     for k in ("attn_var", "ffn_var", "attn_norm", "ffn_norm"):
         sums[k][list(missing)] = torch.nan
     mean = {k: (v / tokens).tolist() for k, v in sums.items()}

@@ -15,24 +15,9 @@ import torch
 from depthlab import config as cfgmod
 from depthlab.config import ModelConfig
 from depthlab.errors import ModelLoadError
+from depthlab.model.hf_common import BLOCK_NAMES, TOP_NAMES, common_config
+from depthlab.model.hf_moe import export_moe_state, import_moe
 from depthlab.model.transformer import Transformer
-
-# depthlab name → HF name, per block (dense Llama/Qwen3 layout).
-_BLOCK_MAP = {
-    "attn.wq.weight": "self_attn.q_proj.weight",
-    "attn.wk.weight": "self_attn.k_proj.weight",
-    "attn.wv.weight": "self_attn.v_proj.weight",
-    "attn.wo.weight": "self_attn.o_proj.weight",
-    "attn.q_norm.weight": "self_attn.q_norm.weight",
-    "attn.k_norm.weight": "self_attn.k_norm.weight",
-    "ffn.w_gate.weight": "mlp.gate_proj.weight",
-    "ffn.w_up.weight": "mlp.up_proj.weight",
-    "ffn.w_down.weight": "mlp.down_proj.weight",
-    "norm1.weight": "input_layernorm.weight",
-    "norm2.weight": "post_attention_layernorm.weight",
-}
-_TOP_MAP = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-            "lm_head.weight": "lm_head.weight"}
 
 
 def exportable(cfg: ModelConfig) -> str | None:
@@ -45,19 +30,10 @@ def exportable(cfg: ModelConfig) -> str | None:
 
 
 def _to_hf_name(name: str) -> str:
-    if name in _TOP_MAP:
-        return _TOP_MAP[name]
+    if name in TOP_NAMES:
+        return TOP_NAMES[name]
     _, index, rest = name.split(".", 2)  # blocks.{i}.{rest}
-    return f"model.layers.{index}.{_BLOCK_MAP[rest]}"
-
-
-def common_config(cfg: ModelConfig) -> dict:
-    """HF config fields shared by every family depthlab exports to (dense and MoE)."""
-    return {"vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers,
-            "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim,
-            "max_position_embeddings": cfg.seq_len, "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
-            "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": "silu", "bos_token_id": None,
-            "eos_token_id": None, "intermediate_size": cfg.hidden}
+    return f"model.layers.{index}.{BLOCK_NAMES[rest]}"
 
 
 def _hf_config(cfg: ModelConfig):
@@ -78,8 +54,6 @@ def to_hf(model: Transformer):
     if reason:
         raise ModelLoadError(f"cannot export: {reason}")
     if cfg.moe.num_experts:
-        from depthlab.model.hf_moe import export_moe_state
-
         hf_config, state = export_moe_state(model, cfg)
     else:
         hf_config = _hf_config(cfg)
@@ -136,8 +110,6 @@ def from_hf(hf_model) -> Transformer:
     hc = hf_model.config
     model_type = hc.model_type
     if model_type not in ("llama", "qwen3"):
-        from depthlab.model.hf_moe import import_moe
-
         cfg, state = import_moe(hf_model)
     else:
         if getattr(hc, "attention_bias", False) or getattr(hc, "mlp_bias", False):

@@ -32,6 +32,7 @@ import torch
 
 from depthlab.config import ModelConfig, MoEConfig
 from depthlab.errors import ModelLoadError
+from depthlab.model.hf_common import BLOCK_NAMES, TOP_NAMES, common_config
 
 _FFN_MAP = {"router.weight": "mlp.gate.weight", "experts.w_down": "mlp.experts.down_proj",
             "shared.w_gate.weight": "mlp.shared_expert.gate_proj.weight",
@@ -56,16 +57,14 @@ def moe_family(cfg: ModelConfig) -> str:
 
 def export_moe_state(model, cfg: ModelConfig):
     """``(hf_config, state_dict)`` of the HF MoE model equal to depthlab MoE `model` (fp32, HF parameter names)."""
-    from depthlab.model.hf import _BLOCK_MAP, _TOP_MAP, common_config
-
     family = moe_family(cfg)
     hf_config = _hf_moe_config(cfg, family, common_config(cfg))
     state: dict[str, torch.Tensor] = {}
     own = model.state_dict()
     for name, t in own.items():
         t = t.detach().float().clone()
-        if name in _TOP_MAP:
-            state[_TOP_MAP[name]] = t
+        if name in TOP_NAMES:
+            state[TOP_NAMES[name]] = t
             continue
         _, index, rest = name.split(".", 2)  # blocks.{i}.{rest}
         prefix = f"model.layers.{index}."
@@ -79,7 +78,7 @@ def export_moe_state(model, cfg: ModelConfig):
             else:
                 state[prefix + _FFN_MAP[rest]] = t * SHARED_GATE_SCALE if rest == "shared.w_down.weight" else t
         else:
-            state[prefix + _BLOCK_MAP[rest]] = t
+            state[prefix + BLOCK_NAMES[rest]] = t
     if cfg.tie_embeddings:
         state.pop("lm_head.weight", None)
     d = cfg.d_model
@@ -118,8 +117,6 @@ def _hf_moe_config(cfg: ModelConfig, family: str, common: dict):
 
 def import_moe(hf_model) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """``(ModelConfig, depthlab state_dict)`` of a Mixtral / Qwen2-MoE / Qwen3-MoE transformers model."""
-    from depthlab.model.hf import _BLOCK_MAP, _TOP_MAP
-
     hc = hf_model.config
     family = hc.model_type
     if family == "olmoe":
@@ -146,8 +143,8 @@ def import_moe(hf_model) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
                       moe=MoEConfig(num_experts=experts, top_k=hc.num_experts_per_tok, expert_hidden=hidden,
                                     shared_expert_hidden=shared_hidden,
                                     renormalize=family == "mixtral" or bool(hc.norm_topk_prob)))
-    inverse_top = {v: k for k, v in _TOP_MAP.items()}
-    inverse_block = {v: k for k, v in _BLOCK_MAP.items()}
+    inverse_top = {v: k for k, v in TOP_NAMES.items()}
+    inverse_block = {v: k for k, v in BLOCK_NAMES.items()}
     inverse_ffn = {v: "ffn." + k for k, v in _FFN_MAP.items()}
     state = {}
     for name, t in hf_state.items():

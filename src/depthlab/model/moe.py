@@ -21,10 +21,14 @@ uniform routing — uniform f or uniform P — gives lb = 1 exactly.
 
 Gradient accumulation: f_e is a property of the whole optimizer batch, but a micro-batch's backward runs before the
 later micro-batches are seen. `batch_routing` pins the whole batch's counts first with a no-grad routing pre-pass
-(one extra forward per optimizer step, only when accumulating); each micro-batch then contributes
-``(E/k)·Σ_e f_e^batch·P_e^micro`` and z over its own tokens, and since P and z are token means, the mean over equal
-micro-batches is exactly the full-batch loss — value and gradient. Under data parallelism the counts are all-reduced
-(once per step in the pre-pass; without accumulation, once per layer inside the training forward).
+(one extra forward per optimizer step, only when accumulating; the counts are read by forward hooks on the routers);
+each micro-batch then contributes ``(E/k)·Σ_e f_e^batch·P_e^micro`` and z over its own tokens, and since P and z are
+token means, the mean over equal micro-batches is exactly the full-batch loss — value and gradient. Under data
+parallelism the counts are all-reduced (once per step in the pre-pass; without accumulation, once per layer inside
+the training forward — only when gradients are being taken, since only the optimised loss needs global counts).
+
+Routing statistics for training logs are not collected here: `depthlab.train.stats` hooks the routers and calls
+`depthlab.measures`, like `depthlab analyze` does.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from depthlab.config import ModelConfig
+from depthlab.model.layers import SwiGLU, init_stds
 
 
 def _distributed() -> bool:
@@ -47,16 +52,18 @@ def _distributed() -> bool:
 class Experts(nn.Module):
     """E SwiGLU experts stored as stacked weights in nn.Linear orientation: w_gate, w_up [E,H,d], w_down [E,d,H]."""
 
-    def __init__(self, num_experts: int, d_model: int, hidden: int, init_std: float = 0.02):
+    def __init__(self, num_experts: int, d_model: int, hidden: int):
         super().__init__()
         self.w_gate = nn.Parameter(torch.empty(num_experts, hidden, d_model))
         self.w_up = nn.Parameter(torch.empty(num_experts, hidden, d_model))
         self.w_down = nn.Parameter(torch.empty(num_experts, d_model, hidden))
-        for w in (self.w_gate, self.w_up, self.w_down):
-            nn.init.normal_(w, 0.0, init_std)
         # F.grouped_mm needs 16-byte aligned strides in its backward: every matrix dim a multiple of 8 covers
         # fp32 and bf16. Odd toy shapes take the per-expert loop instead (same numbers, tested against each other).
         self.grouped = d_model % 8 == 0 and hidden % 8 == 0
+
+    def reset_parameters(self, std: float, out_std: float) -> None:
+        for w, s in ((self.w_gate, std), (self.w_up, std), (self.w_down, out_std)):
+            nn.init.normal_(w, 0.0, s)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """`x` [M, d]: token-slots sorted by expert, `counts[e]` of them for expert e; `scale` [M] the routing
@@ -87,6 +94,20 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
+def choose_experts(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token-choice routing of router logits [N,E]: probabilities softmax(logits) in fp32 [N,E], the top-k
+    probabilities [N,k] and the chosen experts [N,k]."""
+    probs = logits.float().softmax(-1)
+    weights, chosen = probs.topk(top_k, dim=-1)
+    return probs, weights, chosen
+
+
+def balance_loss(token_fraction: torch.Tensor, mean_probs: torch.Tensor, top_k: int) -> torch.Tensor:
+    """``lb = (E/k)·Σ_e f_e·P_e``: f_e the fraction of tokens routed to e (Σ_e f_e = k), P_e the mean router
+    probability of e; exactly 1 for uniform routing."""
+    return token_fraction.shape[-1] / top_k * (token_fraction * mean_probs).sum(-1)
+
+
 class MoE(nn.Module):
     """The MoE FFN branch: maps the normed stream [B,T,d] to the branch output [B,T,d].
 
@@ -99,16 +120,8 @@ class MoE(nn.Module):
         moe = cfg.moe
         self.num_experts, self.top_k, self.renormalize = moe.num_experts, moe.top_k, moe.renormalize
         self.router = nn.Linear(cfg.d_model, moe.num_experts, bias=False)
-        nn.init.normal_(self.router.weight, 0.0, cfg.init_std)
-        self.experts = Experts(moe.num_experts, cfg.d_model, moe.expert_hidden or cfg.hidden, cfg.init_std)
-        if moe.shared_expert_hidden:
-            from depthlab.model.transformer import SwiGLU
-
-            self.shared = SwiGLU(cfg.d_model, moe.shared_expert_hidden)
-            for lin in (self.shared.w_gate, self.shared.w_up, self.shared.w_down):
-                nn.init.normal_(lin.weight, 0.0, cfg.init_std)
-        else:
-            self.shared = None
+        self.experts = Experts(moe.num_experts, cfg.d_model, moe.expert_hidden or cfg.hidden)
+        self.shared = SwiGLU(cfg.d_model, moe.shared_expert_hidden) if moe.shared_expert_hidden else None
         # Divided by L here, once; the model sums the layers' aux_loss without further scaling.
         self.lb_coef = moe.lb_weight / cfg.n_layers
         self.z_coef = moe.z_weight / cfg.n_layers
@@ -117,17 +130,19 @@ class MoE(nn.Module):
         self.z_loss: torch.Tensor | None = None
         # [counts per expert..., tokens] (fp64) of the whole optimizer batch, pinned by `batch_routing`.
         self.batch_counts: torch.Tensor | None = None
-        # Where the routing pre-pass adds this layer's [counts..., tokens] (set only inside `batch_routing`).
-        self.count_sink: torch.Tensor | None = None
-        # A row of RoutingStats.sums while training statistics are being collected.
-        self.stats: torch.Tensor | None = None
+        self.reset_parameters(*init_stds(cfg))
+
+    def reset_parameters(self, std: float, out_std: float) -> None:
+        nn.init.normal_(self.router.weight, 0.0, std)
+        self.experts.reset_parameters(std, out_std)
+        if self.shared is not None:
+            self.shared.reset_parameters(std, out_std)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """For tokens `x` [N,d]: router logits and probabilities [N,E] (fp32), the chosen experts [N,k] and their
         weights [N,k] (fp32)."""
         logits = self.router(x).float()
-        probs = logits.softmax(-1)
-        weights, chosen = probs.topk(self.top_k, dim=-1)
+        probs, weights, chosen = choose_experts(logits, self.top_k)
         if self.renormalize:
             weights = weights / weights.sum(-1, keepdim=True)
         return logits, probs, chosen, weights
@@ -151,27 +166,17 @@ class MoE(nn.Module):
         return y.to(x.dtype).view(shape)
 
     def _aux_losses(self, logits: torch.Tensor, probs: torch.Tensor, counts: torch.Tensor, n: int) -> None:
+        optimised = self.training and torch.is_grad_enabled()  # only the optimised loss needs the global counts
         with torch.no_grad():
-            local = torch.cat([counts.double(), counts.new_tensor([n], dtype=torch.float64)])
-        if self.count_sink is not None:  # routing pre-pass: only the counts are wanted
-            self.count_sink += local
-            return
-        lse = torch.logsumexp(logits, -1)
-        with torch.no_grad():
-            if self.stats is not None:
-                entropy = -(probs * (logits - lse.unsqueeze(-1))).sum()  # log p = logits − lse
-                self.stats += torch.cat([local[:-1], probs.sum(0).double(), entropy.double()[None],
-                                         lse.pow(2).sum().double()[None], local[-1:]])
             if self.batch_counts is not None:
                 batch = self.batch_counts
-            elif self.training and _distributed():
-                batch = local.clone()
-                tdist.all_reduce(batch)
             else:
-                batch = local
+                batch = torch.cat([counts.double(), counts.new_tensor([n], dtype=torch.float64)])
+                if optimised and _distributed():
+                    tdist.all_reduce(batch)
             f = (batch[:-1] / batch[-1]).float()  # fraction of the batch's tokens routed to each expert
-        lb = self.num_experts / self.top_k * (f * probs.mean(0)).sum()
-        z = lse.pow(2).mean()
+        lb = balance_loss(f, probs.mean(0), self.top_k)
+        z = torch.logsumexp(logits, -1).pow(2).mean()
         self.aux_loss = self.lb_coef * lb + self.z_coef * z
         self.lb_loss, self.z_loss = lb.detach(), z.detach()
 
@@ -197,15 +202,22 @@ def batch_routing(model: nn.Module, micro_batches: Sequence[torch.Tensor],
         yield
         return
     counts = torch.zeros(len(layers), layers[0].num_experts + 1, dtype=torch.float64, device=micro_batches[0].device)
+
+    def count(layer: MoE, row: torch.Tensor):
+        def hook(module, args, logits):
+            _, _, chosen = choose_experts(logits, layer.top_k)
+            row[:-1] += torch.bincount(chosen.flatten(), minlength=layer.num_experts)
+            row[-1] += logits.shape[0]
+        return hook
+
+    handles = [layer.router.register_forward_hook(count(layer, row)) for layer, row in zip(layers, counts)]
     try:
-        for layer, row in zip(layers, counts):
-            layer.count_sink = row
         with torch.no_grad(), autocast or contextlib.nullcontext():
             for xs in micro_batches:
                 model(xs)
     finally:
-        for layer in layers:
-            layer.count_sink = None
+        for h in handles:
+            h.remove()
     if _distributed():
         tdist.all_reduce(counts)
     for layer, row in zip(layers, counts):
@@ -215,68 +227,3 @@ def batch_routing(model: nn.Module, micro_batches: Sequence[torch.Tensor],
     finally:
         for layer in layers:
             layer.batch_counts = None
-
-
-class RoutingStats:
-    """Per-layer routing statistics for layer_stats.jsonl (SPEC §5.8), accumulated on device over micro-batches.
-
-    One row per MoE layer: [slot counts per expert (E), router-probability sums (E), router-entropy sum,
-    logsumexp² sum, tokens]. Rows are filled by the MoE layers themselves (from the top-k they actually used) while
-    attached; `summarize` turns all-reduced rows into loads and losses and refuses rows that missed forward passes.
-    """
-
-    def __init__(self, layers: list[MoE], device: torch.device):
-        self.layers = layers
-        first = layers[0]
-        self.num_experts, self.top_k = first.num_experts, first.top_k
-        self.lb_coef, self.z_coef = first.lb_coef, first.z_coef
-        self.sums = torch.zeros(len(layers), 2 * self.num_experts + 3, dtype=torch.float64, device=device)
-
-    @classmethod
-    def for_model(cls, model: nn.Module, device: torch.device) -> RoutingStats | None:
-        layers = moe_layers(model)
-        return cls(layers, device) if layers else None
-
-    @contextlib.contextmanager
-    def attached(self) -> Iterator[None]:
-        for layer, row in zip(self.layers, self.sums):
-            layer.stats = row
-        try:
-            yield
-        finally:
-            for layer in self.layers:
-                layer.stats = None
-
-    def summarize(self, values: list[float], tokens: float) -> tuple[list[dict], dict]:
-        """Per-layer dicts and cross-layer summary from the flattened (all-reduced) `sums`; `tokens` is what each
-        block processed, so a layer whose router did not report every pass is an error, never a zero load."""
-        E, k = self.num_experts, self.top_k
-        width = 2 * E + 3
-        layers, loads = [], []
-        for i in range(len(self.layers)):
-            row = values[i * width:(i + 1) * width]
-            n = row[-1]
-            if n != tokens:
-                raise RuntimeError(f"MoE layer {i} routed {n:.0f} tokens but its block saw {tokens:.0f}: "
-                                   "routing statistics missed forward passes")
-            counts, prob_sums = torch.tensor(row[:E]), torch.tensor(row[E:2 * E])
-            load = counts / (n * k)  # fraction of token-slots per expert, sums to 1
-            lb = E / k * float((counts / n * prob_sums / n).sum())
-            z = row[2 * E + 1] / n
-            mean, std = load.mean(), load.std(unbiased=False)
-            layers.append({"moe_load": load.tolist(), "moe_imbalance": float(load.max() / mean),
-                           "moe_balance": max(0.0, float(1 - std / mean)), "router_entropy": row[2 * E] / n,
-                           "lb_loss": lb, "z_loss": z, "lb_loss_weighted": self.lb_coef * lb,
-                           "z_loss_weighted": self.z_coef * z})
-            loads.append(load)
-        return layers, {"moe_diversity": expert_diversity(torch.stack(loads))}
-
-
-def expert_diversity(loads: torch.Tensor) -> float:
-    """``mean_{i<j} (1 − cos(load_i, load_j))`` over layers (SPEC §5.8); 0 for fewer than two layers."""
-    if loads.shape[0] < 2:
-        return 0.0
-    unit = F.normalize(loads.double(), dim=-1)
-    cos = unit @ unit.T
-    i, j = torch.triu_indices(len(loads), len(loads), offset=1)
-    return float((1 - cos[i, j]).mean())

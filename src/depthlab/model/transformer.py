@@ -7,7 +7,8 @@ Scaling, else 1. ``post`` normalises the residual sum instead, ``peri`` also nor
 makes the first ``floor(L·mix_fraction)`` blocks post-LN.
 
 `Block.forward(x)` needs nothing but the stream: positions are 0..T-1 and RoPE tables are computed on demand, so a
-block can be run in isolation, skipped or moved by the analysis engine.
+block can be run in isolation, skipped or moved by the analysis engine. The model carries no instrumentation: the
+trainer's statistics (`depthlab.train.stats`) and the analysis read it through forward hooks on its modules.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from depthlab.config import ModelConfig
+from depthlab.measures import attention_probabilities
+from depthlab.model.layers import SwiGLU, init_stds
+from depthlab.model.moe import MoE
 
 
 class RMSNorm(nn.Module):
@@ -29,6 +33,10 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim)) if affine else None
+
+    def reset_parameters(self) -> None:
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x.float()
@@ -81,6 +89,13 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
         self.rotary = [rotary]  # a list hides the shared module from state_dict/parameters
 
+    def reset_parameters(self, std: float, out_std: float) -> None:
+        for lin, s in ((self.wq, std), (self.wk, std), (self.wv, std), (self.wo, out_std)):
+            nn.init.normal_(lin.weight, 0.0, s)
+        for norm in (self.q_norm, self.k_norm):
+            if norm is not None:
+                norm.reset_parameters()
+
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Rotated queries [B,H,T,hd] and keys/values [B,Hkv,T,hd]."""
         B, T, _ = x.shape
@@ -103,32 +118,11 @@ class Attention(nn.Module):
     def probabilities(self, x: torch.Tensor) -> torch.Tensor:
         """Attention probabilities [B,H,T,T] (instrumented path; training keeps fused SDPA)."""
         q, k, _ = self.qkv(x)
-        k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
-        scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(self.head_dim)
-        T = x.shape[1]
-        mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-        return scores.masked_fill(~mask, float("-inf")).softmax(-1)
-
-
-class SwiGLU(nn.Module):
-    """``down(silu(gate(x)) * up(x))``."""
-
-    def __init__(self, d_model: int, hidden: int):
-        super().__init__()
-        self.w_gate = nn.Linear(d_model, hidden, bias=False)
-        self.w_up = nn.Linear(d_model, hidden, bias=False)
-        self.w_down = nn.Linear(hidden, d_model, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+        return attention_probabilities(q, k, is_causal=True)
 
 
 def build_ffn(cfg: ModelConfig) -> nn.Module:
-    if cfg.moe.num_experts:
-        from depthlab.model.moe import MoE
-
-        return MoE(cfg)
-    return SwiGLU(cfg.d_model, cfg.hidden)
+    return MoE(cfg) if cfg.moe.num_experts else SwiGLU(cfg.d_model, cfg.hidden)
 
 
 def block_placement(cfg: ModelConfig, index: int) -> str:
@@ -152,8 +146,20 @@ class Block(nn.Module):
         if self.placement == "peri":
             self.attn_out_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_affine)
             self.ffn_out_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_affine)
-        # Set by depthlab.train.stats while statistics are being collected; None costs one branch per block.
-        self.stats = None
+
+    def branch_output(self, name: str) -> nn.Module:
+        """The module whose output is the `name` ("attn" | "ffn") branch as added to the stream: the branch itself,
+        or its output norm under peri-LN."""
+        out_norm = getattr(self, f"{name}_out_norm", None)
+        return out_norm if out_norm is not None else getattr(self, name)
+
+    def reset_parameters(self, std: float, out_std: float) -> None:
+        """The block's parameters in registration order: attention, FFN, norms."""
+        self.attn.reset_parameters(std, out_std)
+        self.ffn.reset_parameters(std, out_std)
+        for norm in (self.norm1, self.norm2, getattr(self, "attn_out_norm", None), getattr(self, "ffn_out_norm", None)):
+            if norm is not None:
+                norm.reset_parameters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self.scale
@@ -171,8 +177,6 @@ class Block(nn.Module):
             if self.placement == "peri":
                 f = self.ffn_out_norm(f)
             y = u + f
-        if self.stats is not None:
-            self.stats.update(self.index, attn=a, ffn=f, out=y)
         return y
 
 
@@ -204,19 +208,17 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """normal(0, init_std) for every matrix and embedding, ones for norms; depth_scaled shrinks output projections."""
-        cfg = self.config
-        for name, p in self.named_parameters():
-            if p.ndim == 1:
-                p.fill_(1.0)
-            else:
-                std = cfg.init_std
-                if cfg.init_scheme == "depth_scaled" and name.endswith(("wo.weight", "w_down.weight", "w_down")):
-                    std /= math.sqrt(2 * cfg.n_layers)
-                p.normal_(0.0, std)
+        """normal(0, init_std) for every matrix and embedding, ones for norms, the output projections at out_std
+        (`depthlab.model.layers.init_stds`); each module initialises its own parameters, in parameter order."""
+        std, out_std = init_stds(self.config)
+        nn.init.normal_(self.embed.weight, 0.0, std)
+        for block in self.blocks:
+            block.reset_parameters(std, out_std)
+        self.norm.reset_parameters()
+        if self.lm_head.weight is not self.embed.weight:
+            nn.init.normal_(self.lm_head.weight, 0.0, std)
 
-    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
-                final_norm_stats=None) -> LMOutput:
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None) -> LMOutput:
         """Logits [B,T,V]; with `targets` [B,T] (already shifted: target t is the token after t) also the loss."""
         if input_ids.shape[1] > self.config.seq_len:
             raise ValueError(f"sequence of {input_ids.shape[1]} tokens exceeds the model's context "
@@ -225,8 +227,6 @@ class Transformer(nn.Module):
         for block in self.blocks:
             h = block(h)
         h = self.norm(h)
-        if final_norm_stats is not None:
-            final_norm_stats.update_final(h)
         logits = self.lm_head(h)
         if targets is None:
             return LMOutput(logits)

@@ -12,10 +12,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-ANALYSIS_SAMPLES, ANALYSIS_SEQ_LEN = 16, 256
-"""16x256 = 4096 tokens: several times the 577 coefficients each SmolLM2 block's affine fit has, so the usefulness
-loss ratios are not inflated by an exact fit (the CLI's smaller default is meant for quick looks)."""
-
 
 @dataclass
 class DemoResult:
@@ -61,6 +57,8 @@ def run_demo(out: str | Path = "runs/demo", overrides: list[str] | dict | None =
         return DemoResult(run_dir, Path(plot), sample, None, None)
     analysis_dir = out / "smollm2-analysis"
     log(f"[4/4] analysing SmolLM2-135M-Instruct into {analysis_dir}")
-    results = run_analysis("smollm2", analysis_dir, num_samples=ANALYSIS_SAMPLES, seq_len=ANALYSIS_SEQ_LEN)
+    # `depthlab analyze smollm2`'s own defaults: 8x128 evaluation tokens, usefulness maps fitted on a separate
+    # 32·(d+1)-token sample (an exact in-sample fit made every block look replaceable)
+    results = run_analysis("smollm2", analysis_dir)
     log(format_summary(results))
     return DemoResult(run_dir, Path(plot), sample, analysis_dir, results)

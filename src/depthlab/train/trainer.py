@@ -216,10 +216,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: Dist, stop) -> TrainR
             for m in range(n_micro):
                 xs, ys = x[m * micro:(m + 1) * micro], y[m * micro:(m + 1) * micro]
                 with dist.no_sync(train_model, last=m == n_micro - 1), autocast:
-                    if stats is not None:
-                        with stats.attached(model):
-                            out = train_model(xs, ys, final_norm_stats=stats)
-                    else:
+                    with stats.attached(model) if stats is not None else contextlib.nullcontext():
                         out = train_model(xs, ys)
                     (out.loss / n_micro).backward()
                 loss_sum += out.loss.detach() / n_micro
