@@ -77,7 +77,7 @@ def test_weight_decay_contrasts_show_the_papers_numbers_when_settings_match():
     assert claims.format_paper(up, "λ") == "0.75 → 0.81 ↑"  # λ 0 and 0.1 are the paper's rows
     down = results["too much weight decay (λ 0.1 → max) lowers usefulness"]
     assert down["settings"] == (0.1, 1.0) and down["effect"] == pytest.approx(-0.2)
-    assert claims.format_paper(down, "λ") == "↓ (paper at λ 0.1 → 3: 0.81 → 0.63)"  # the study's max is 1, not 3
+    assert claims.format_paper(down, "λ") == "↓ (paper at λ 0.1 → 3: 0.81 → 0.63)"  # the study's max is 1
     ppl = results["moderate weight decay (λ 0 → 0.1) lowers PPL"]
     assert ppl["effect"] == pytest.approx(math.log(0.9)) and ppl["log"]
     assert results["weight decay (λ 0 → max) lowers last-layer variance"]["effect"] is None  # no variance logged

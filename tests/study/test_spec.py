@@ -76,16 +76,20 @@ def test_builtin_studies_resolve_at_every_scale():
     assert set(builtin_names()) >= {"depth", "weight_decay", "context", "gqa", "moe", "recipe"}
     for name in builtin_names():
         scales = builtin_scales(name)
-        assert set(scales) == {"tiny", "small", "paper"} and all(scales.values()), name
+        assert set(scales) == {"tiny", "small", "paper"} and scales["small"]["gpu_hours"] > 0, name
         for scale in scales:
             s = load_spec(name, scale)
             assert s.resolve() and s.scale == scale and s.runtime
+        tiny = load_spec(name, "tiny")
+        assert len(tiny.seeds) >= (3 if name in ("depth", "weight_decay") else 2), name  # seeds for intervals
+        assert tiny.measure.fit_samples is None  # the analysis default: 32·(d+1) fit tokens per map
     depth = load_spec("depth", "tiny")
-    assert [r.config["model"]["n_layers"] for r in depth.resolve()] == [2, 4, 8]
+    assert [r.config["model"]["n_layers"] for r in depth.resolve()] == [2, 2, 2, 4, 4, 4, 8, 8, 8]  # 3 seeds
     tiny_run = depth.resolve()[0].config
-    assert tiny_run["model"]["d_model"] == 64 and tiny_run["trainer"]["max_steps"] == 400  # the scale's config
+    assert tiny_run["model"]["d_model"] == 128 and tiny_run["trainer"]["max_steps"] == 600  # the scale's config
     assert tiny_run["optimizer"]["lr"] == 3e-3  # the tiny preset underneath
-    assert depth.measure.analysis_options["jacobian"]["probes"] == 8  # scale measure merged over the common one
+    assert depth.measure.analysis_options["jacobian"]["probes"] == 16  # the common measure under the scale's
+    assert depth.measure.dynamics == [0.25, 0.5, 0.75] and depth.measure.analysis_samples == 16
     assert [r.config["model"]["n_layers"] for r in load_spec("depth", "paper").resolve()] == [12, 16, 24, 32]
     with pytest.raises(StudyError, match="no scale 'huge'"):
         load_spec("depth", "huge")
@@ -137,3 +141,10 @@ def test_smoke_spec_is_the_largest_run_for_two_steps():
     assert len(smoke_spec(load_spec("gqa", "small"), all_runs=True).resolve()) == 3
     with pytest.raises(StudyError, match="--steps must be >= 1"):
         smoke_spec(load_spec("gqa", "small"), steps=0)
+
+
+def test_fit_sample_sizes_are_positive_integers_or_the_default():
+    assert spec(grid={"model.n_layers": [2]}, measure={"fit_samples": 40, "fit_seq_len": 64}).measure.fit_samples == 40
+    for key, bad in (("fit_samples", 0), ("fit_seq_len", "long"), ("analysis_samples", None)):
+        with pytest.raises(StudyError, match=f"measure.{key} must be a positive integer"):
+            spec(grid={"model.n_layers": [2]}, measure={key: bad})

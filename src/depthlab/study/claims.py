@@ -297,5 +297,5 @@ RULE = ("Verdict rule: an effect whose 95% interval across seeds excludes 0 is *
         "sign and *not reproduced* when it has the opposite sign; otherwise (interval includes 0, too few runs, or a "
         "usefulness value from an under-determined fit) it is *inconclusive*. Trends are least-squares slopes against "
         "log₂ of the knob over all runs; contrasts are differences of seed means (Welch interval). Variance and PPL "
-        "effects are ratios (log scale). 'paper' gives the paper's numbers (SPEC §8) when the compared settings are "
-        "the paper's, else its direction, with its numbers at its own settings.")
+        "effects are ratios (log scale). 'paper' gives the paper's numbers (depthlab.study.paper) when the compared "
+        "settings are the paper's, else its direction, with its numbers at its own settings.")

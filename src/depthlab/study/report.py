@@ -337,13 +337,13 @@ def _intro(agg: dict) -> list[str]:
     if agg["reference"]:
         knob = KNOB_LABELS.get(agg["reference"], "setting")
         if any(row["paper"] for row in agg["rows"]):
-            lines.append(f"'paper' columns: the numbers of Muhtar et al. (arXiv 2603.15389, SPEC §8) for the same "
-                         f"{knob}, from ~0.4–1B models trained on 5B tokens; they show the trend to compare with, "
-                         "not values a small run should reach.")
+            lines.append(f"'paper' columns: the numbers of Muhtar et al. (arXiv 2603.15389; depthlab.study.paper) for "
+                         f"the same {knob}, from ~0.4–1B models trained on 5B tokens; they show the trend to compare "
+                         "with, not values a small run should reach.")
         else:
             rows = ", ".join(str(k) for k in REFERENCES[agg["reference"]])
-            lines.append(f"No setting here is one of the paper's rows ({knob} = {rows}; SPEC §8), so no paper "
-                         "column is shown.")
+            lines.append(f"No setting here is one of the paper's rows ({knob} = {rows}; depthlab.study.paper), so no "
+                         "paper column is shown.")
     done = sum(run["state"] == "done" for run in agg["runs"])
     lines.append(f"{done} of {len(agg['runs'])} runs finished; unfinished runs are left out of the table and figures.")
     if (baselines := _baselines_line(agg)) is not None:

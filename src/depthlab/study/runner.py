@@ -216,6 +216,10 @@ def _measure(run_dir: Path, info: dict, log) -> list[str]:
     data_path = info["config"]["data"]["path"] or None
     device = "cuda" if torch.cuda.is_available() else "cpu"
     done = []
+    # The analysis' evaluation and fit samples, the same at every checkpoint (older run.json lack the fit keys).
+    sample = {"data": data_path, "num_samples": measure["analysis_samples"], "seq_len": measure["analysis_seq_len"],
+              "fit_samples": measure.get("fit_samples"), "fit_seq_len": measure.get("fit_seq_len"),
+              "options": measure["analysis_options"], "progress": False, "device": device, "log": log}
     if not (run_dir / "baselines.json").exists():
         from depthlab.study.baselines import run_baselines
 
@@ -237,9 +241,7 @@ def _measure(run_dir: Path, info: dict, log) -> list[str]:
     if measure["analysis"]:
         from depthlab.analysis import run_analysis
 
-        run_analysis(str(run_dir), run_dir / "analysis", metrics=measure["analysis"], data=data_path,
-                     num_samples=measure["analysis_samples"], seq_len=measure["analysis_seq_len"],
-                     options=measure["analysis_options"], progress=False, device=device, log=log)
+        run_analysis(str(run_dir), run_dir / "analysis", metrics=measure["analysis"], **sample)
         done.append("analysis")
     steps = dynamics_steps(measure.get("dynamics", []), info["config"]["trainer"]["max_steps"])
     if steps and measure.get("dynamics_analysis"):
@@ -251,8 +253,7 @@ def _measure(run_dir: Path, info: dict, log) -> list[str]:
                 raise StudyError(f"checkpoint {checkpoint} is gone (trainer.keep_last too small?): cannot measure "
                                  f"step {step} of the training dynamics")
             run_analysis(str(checkpoint), run_dir / "dynamics" / checkpoint.name, metrics=measure["dynamics_analysis"],
-                         data=data_path, num_samples=measure["analysis_samples"], seq_len=measure["analysis_seq_len"],
-                         options=measure["analysis_options"], progress=False, device=device, log=log)
+                         **sample)
         done.append("dynamics")
     return done
 

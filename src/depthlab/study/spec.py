@@ -37,7 +37,7 @@ from depthlab.errors import AnalysisError, ConfigError, EvalError, StudyError
 SPEC_KEYS = ("name", "description", "reference", "runtime", "gpu_hours", "base", "config", "grid", "runs", "seeds",
              "measure")
 MEASURE_KEYS = ("eval_tasks", "eval_limit", "perplexity", "analysis", "analysis_samples", "analysis_seq_len",
-                "analysis_options", "dynamics", "dynamics_analysis")
+                "fit_samples", "fit_seq_len", "analysis_options", "dynamics", "dynamics_analysis")
 _SHORT = {"model.n_layers": "L", "model.d_model": "d", "optimizer.weight_decay": "wd", "model.seq_len": "T",
           "model.n_kv_heads": "kv", "model.moe.num_experts": "E", "model.moe.top_k": "k", "optimizer.lr": "lr"}
 """Short names of common knobs in generated run names (others use the key's last component)."""
@@ -59,6 +59,11 @@ class Measurements:
     """Calibration sequences for the analysis."""
     analysis_seq_len: int = 128
     """Tokens per calibration sequence."""
+    fit_samples: int | None = None
+    """Sequences of the separate sample the usefulness maps are fitted on; None = the analysis default, enough for
+    32·(d+1) tokens per map (docs/metrics.md), so every study's usefulness comes from a determined fit."""
+    fit_seq_len: int | None = None
+    """Tokens per fit sequence; None = analysis_seq_len."""
     analysis_options: dict[str, dict] = field(default_factory=dict)
     """Per-metric options, e.g. {permutation: {pairs: all}}."""
     dynamics: list[float] = field(default_factory=list)
@@ -325,9 +330,12 @@ def _parse_measure(data: dict[str, Any], where: str) -> Measurements:
     m.dynamics = sorted({float(f) for f in m.dynamics})
     if m.eval_limit is not None and (not isinstance(m.eval_limit, int) or m.eval_limit < 1):
         raise StudyError(f"{where}: measure.eval_limit must be a positive integer or null, got {m.eval_limit!r}")
-    for key in ("analysis_samples", "analysis_seq_len"):
-        if not isinstance(getattr(m, key), int) or getattr(m, key) < 1:
-            raise StudyError(f"{where}: measure.{key} must be a positive integer")
+    for key in ("analysis_samples", "analysis_seq_len", "fit_samples", "fit_seq_len"):
+        value = getattr(m, key)
+        if (value is not None or key.startswith("analysis")) and (
+                not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise StudyError(f"{where}: measure.{key} must be a positive integer{' or null' * key.startswith('fit')}, "
+                             f"got {value!r}")
     return m
 
 
