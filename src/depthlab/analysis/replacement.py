@@ -61,12 +61,18 @@ class AffineMap:
 def solve_affine(xtx: torch.Tensor, xty: torch.Tensor) -> AffineMap:
     """Least-squares affine map from the augmented normal equations ([x, 1]ᵀ[x, 1], [x, 1]ᵀy).
 
-    The system is Jacobi-scaled before a minimum-norm solve (gelsd), which equals the exact least-squares fit
-    whenever it is unique and stays stable when the stream has huge outlier features or fewer tokens than d.
+    The system is Jacobi-scaled (huge outlier features of the stream become harmless), then solved by Cholesky when
+    it is well conditioned (the unique least-squares fit, ~10x faster) and otherwise by a minimum-norm solve
+    (gelsd), which stays stable for near-singular systems and fewer tokens than d.
     """
     scale = xtx.diagonal().clamp_min(1e-300).rsqrt()
     a = xtx * scale[:, None] * scale[None, :]
-    z = torch.linalg.lstsq(a, xty * scale[:, None], driver="gelsd").solution
+    factor, info = torch.linalg.cholesky_ex(a)
+    pivots = factor.diagonal()
+    if info == 0 and pivots.min() ** 2 > 1e-10 * pivots.max() ** 2:  # condition number below ~1e10
+        z = torch.cholesky_solve(xty * scale[:, None], factor)
+    else:
+        z = torch.linalg.lstsq(a, xty * scale[:, None], driver="gelsd").solution
     coef = z * scale[:, None]
     return AffineMap(coef[:-1], coef[-1])
 

@@ -63,11 +63,41 @@ def resolve_options(options: dict[str, dict] | None) -> dict[str, dict]:
             raise AnalysisError(f"option for unknown metric {metric!r}; metrics: {', '.join(METRICS)}")
         params = inspect.signature(METRICS[metric]).parameters
         allowed = [p for p, v in params.items() if v.kind == v.KEYWORD_ONLY and p not in ("engine", "progress")]
-        for key in values:
+        for key, value in values.items():
             if key not in allowed:
                 raise AnalysisError(f"{metric} has no option {key!r}; options: {', '.join(allowed)}")
+            _check_option(f"{metric}.{key}", value, params[key].default)
         merged.setdefault(metric, {}).update(values)
     return merged
+
+
+POSITIVE_OPTIONS = ("micro_batch_size", "cache_budget_mb", "folds", "probes", "steps", "batch_tokens",
+                    "probe_sequences")
+"""Options that must be > 0 wherever a metric has them (sizes and counts); bootstrap=0 and power_iters=0 are valid
+(no intervals, no power iteration: doctor and prune use them)."""
+
+
+def _check_option(name: str, value, default) -> None:
+    """An option value must have its default's type (an int is fine for a float), be finite, and be positive for the
+    sizes and counts in POSITIVE_OPTIONS; options whose default is None or a tuple are checked by the metric."""
+    import math
+
+    kind = type(default)
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool) and abs(value) < 2**63
+    elif kind is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    elif kind is str:
+        ok = isinstance(value, str)
+    else:
+        return
+    if not ok:
+        raise AnalysisError(f"option {name}: expected a{' finite' if kind is float else 'n' if kind is int else ''} "
+                            f"{kind.__name__}, got {value!r}")
+    if name.split(".")[-1] in POSITIVE_OPTIONS and value <= 0:
+        raise AnalysisError(f"option {name} must be positive, got {value!r}")
 
 
 def analyze(model, input_ids, metrics=None, *, fit_ids=None, options: dict[str, dict] | None = None,
