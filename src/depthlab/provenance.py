@@ -103,6 +103,9 @@ def _file_type_name(value: int) -> str:
 
 def model_origin(model) -> dict:
     """What `model` is and how its weights were obtained (from what `depthlab.load_model` recorded on it)."""
+    # Imported here, not at the top: the CLI imports this module without torch.
+    from depthlab.model.view import is_native
+
     ref = getattr(model, "source_path", None)
     dtype = dtype_name(next((p.dtype for p in model.parameters()), None))
     out = {"ref": ref, "class": type(model).__name__, "dtype": dtype}
@@ -110,7 +113,7 @@ def model_origin(model) -> dict:
         quant = gguf_file_type(ref) or "quantised"
         out["format"] = "gguf"
         out["origin"] = f"GGUF {quant}, dequantised to {dtype}"
-    elif ref and type(model).__module__.startswith("depthlab"):
+    elif ref and is_native(model):
         out["format"] = "depthlab"
         out["origin"] = f"depthlab checkpoint, {dtype}"
     elif ref:

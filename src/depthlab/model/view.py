@@ -86,9 +86,14 @@ def _config_int(cfg, keys: Sequence[str]) -> int | None:
     return next((v for k in keys if isinstance(v := getattr(cfg, k, None), int) and v > 0), None)
 
 
+def is_native(model) -> bool:
+    """Whether `model` is depthlab's own Transformer (the one test of "is this a depthlab model?")."""
+    return isinstance(model, Transformer)
+
+
 def is_causal_lm(model: nn.Module) -> bool:
     """True for depthlab's Transformer and for Hugging Face causal-LM classes."""
-    if isinstance(model, Transformer):
+    if is_native(model):
         return True
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -130,7 +135,7 @@ class ModelView:
             raise AnalysisError(f"{type(model).__name__} is not a causal language model (depthlab analyses "
                                 "decoder-only LMs loaded with AutoModelForCausalLM or depthlab.load_model)")
         self.model = model
-        self.native = isinstance(model, Transformer)
+        self.native = is_native(model)
         """depthlab's own Transformer (config: ModelConfig) rather than a Hugging Face model."""
         self.config = getattr(model, "config", None)
         self.model_type = "depthlab" if self.native else getattr(self.config, "model_type", None) or "unknown"
