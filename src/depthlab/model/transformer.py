@@ -135,7 +135,6 @@ def block_placement(cfg: ModelConfig, index: int) -> str:
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, index: int, rotary: Rotary):
         super().__init__()
-        self.index = index
         self.placement = block_placement(cfg, index)
         # A plain float, not a buffer: it cannot be lost by meta-device init or a partial state dict.
         self.scale = 1.0 / math.sqrt(index + 1) if cfg.lns else 1.0
