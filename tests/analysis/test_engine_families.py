@@ -14,6 +14,8 @@ import transformers as T
 
 from depthlab.analysis import permutation_scores, variance_profile
 from depthlab.analysis.engine import Drop, Engine
+from depthlab.config import ModelConfig
+from depthlab.model.transformer import Transformer
 from depthlab.model.view import ModelView
 
 from .conftest import V, full_loss, hidden_states, with_weights_swapped
@@ -149,3 +151,19 @@ def test_bloom_branches_are_unavailable_but_stream_metrics_run():
     assert "not a fixed combination" in got.branches_unavailable
     row = got.to_dict()
     assert row["attn_var"] == [None, None] and row["ffn_norm"] == [None, None]
+
+
+@pytest.mark.parametrize("kw", [{"norm": "peri"}, {"norm": "peri", "lns": True, "qk_norm": True}, {"lns": True}])
+def test_depthlab_branches_are_taken_after_the_peri_output_norm(kw):
+    """Peri-LN normalises each branch output before the residual add: that normalised branch is what is measured."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=V, d_model=16, n_layers=2, n_heads=4, seq_len=32, init_std=0.25,
+                                    **kw)).eval()
+    ids = torch.randint(0, V, (3, 6), generator=torch.Generator().manual_seed(1))
+    got = variance_profile(model, ids)
+    hs = [h.double() for h in hidden_states(model, ids)]
+    for l in range(2):
+        u = block_output_with(model, l, model.blocks[l].ffn, ids)
+        a, f = u - hs[l], hs[l + 1] - u
+        assert got.attn_var[l] == pytest.approx(a.var(-1, unbiased=False).mean().item(), rel=1e-4)
+        assert got.ffn_norm[l] == pytest.approx(f.norm(dim=-1).mean().item(), rel=1e-4)
