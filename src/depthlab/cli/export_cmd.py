@@ -13,6 +13,8 @@ def register(sub, help_: str) -> None:
     common.add_out(p, "output folder: new or empty, or replaced atomically with --overwrite", required=True)
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (never the run itself, a "
                    "folder holding it, the home or current folder)")
+    p.add_argument("--analysis", default=None, metavar="DIR", help="a 'depthlab analyze' folder whose summary goes "
+                   "into the model card (default: RUN/analysis when it exists)")
     p.set_defaults(func=run)
 
 
@@ -23,6 +25,6 @@ def run(args) -> int:
 
     if not is_depthlab_path(args.run):
         raise ModelLoadError(f"{args.run} is not a depthlab run or checkpoint folder")
-    out = export_hf(args.run, args.out, overwrite=args.overwrite)
+    out = export_hf(args.run, args.out, overwrite=args.overwrite, analysis=args.analysis)
     print(f"exported to {out}")
     return 0

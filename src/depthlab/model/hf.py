@@ -8,6 +8,7 @@ exported as something else.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -79,9 +80,14 @@ def to_hf(model: Transformer):
     return hf.eval()
 
 
-def export_hf(source, out: str | Path, tokenizer=None, *, overwrite: bool = False) -> Path:
-    """Write a standard HF folder (config.json, model.safetensors, tokenizer files) for a run folder or a model.
+def export_hf(source, out: str | Path, tokenizer=None, *, overwrite: bool = False,
+              analysis: str | Path | None = None) -> Path:
+    """Write a standard HF folder (config.json, model.safetensors, tokenizer files, README.md model card) for a run
+    folder or a model.
 
+    The config and generation config carry the tokenizer's eos/bos ids (so ``generate`` stops), the tokenizer's
+    ``model_max_length`` is the training context, and README.md records the base run, data, training config,
+    depthlab version and, when an analysis is given or ``RUN/analysis/results.json`` exists, its summary.
     `out` must be new or empty unless `overwrite`; it is written beside itself and swapped in atomically, and is
     never the source run or a folder holding it (`depthlab.fileio.write_folder`).
     """
@@ -95,7 +101,89 @@ def export_hf(source, out: str | Path, tokenizer=None, *, overwrite: bool = Fals
     else:
         model = source
     hf = to_hf(model)
-    return write_folder(out, lambda tmp: save_pretrained(hf, tokenizer, tmp), overwrite=overwrite, protect=protect)
+    if tokenizer is not None:
+        tokenizer = copy.deepcopy(tokenizer)  # the caller's tokenizer keeps its own settings
+        tokenizer.model_max_length = model.config.seq_len
+        _set_special_tokens(hf, tokenizer)
+    card = model_card(model, tokenizer, source if protect else None, analysis)
+
+    def write(tmp: Path) -> None:
+        save_pretrained(hf, tokenizer, tmp)
+        (tmp / "README.md").write_text(card)
+
+    return write_folder(out, write, overwrite=overwrite, protect=protect)
+
+
+def _set_special_tokens(hf_model, tokenizer) -> None:
+    """eos/bos/pad ids from the tokenizer into the config and generation config. depthlab's data separates documents
+    with eos and has no bos, so a missing bos is the eos (what the model saw before every document)."""
+    eos = tokenizer.eos_token_id
+    ids = {"eos_token_id": eos, "bos_token_id": tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos,
+           "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos}
+    for target in (hf_model.config, hf_model.generation_config):
+        for key, value in ids.items():
+            setattr(target, key, value)
+
+
+def model_card(model: Transformer, tokenizer=None, run: str | Path | None = None,
+               analysis: str | Path | None = None) -> str:
+    """README.md for an exported model: Hugging Face metadata (YAML front matter), then what it is and how it was
+    made — base run and checkpoint, data, parameters, training config, provenance and the analysis summary."""
+    import json
+
+    import yaml
+
+    from depthlab import __version__
+    from depthlab.model.params import param_counts
+    from depthlab.provenance import provenance
+    from depthlab.rundir import RunDir
+
+    cfg = model.config
+    config = RunDir.of(run).read_config() if run is not None else {"model": cfgmod.to_dict(cfg)}
+    data = _data_description(config.get("data", {}))
+    if analysis is None and run is not None and (RunDir.of(run).path / "analysis" / "results.json").exists():
+        analysis = RunDir.of(run).path / "analysis"
+    summary = None
+    if analysis is not None:
+        results = json.loads((Path(analysis) / "results.json").read_text())
+        summary = results.get("summary")
+    arch = "Qwen3ForCausalLM" if cfg.qk_norm and not cfg.moe.num_experts else (
+        "LlamaForCausalLM" if not cfg.moe.num_experts else "a Hugging Face MoE family")
+    meta = {"library_name": "transformers", "pipeline_tag": "text-generation", "tags": ["depthlab", "curse-of-depth"],
+            "license": "apache-2.0"}
+    intro = (f"A decoder-only language model trained with depthlab {__version__} and exported as {arch} (loads "
+             "with `AutoModelForCausalLM.from_pretrained` without custom code).")
+    shape = (f"L={cfg.n_layers} blocks, d={cfg.d_model}, {cfg.n_heads} heads ({cfg.kv_heads} kv), context "
+             f"{cfg.seq_len}, vocabulary {cfg.vocab_size}")
+    lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
+             f"# {Path(str(run)).name if run is not None else 'depthlab model'}", "",
+             intro, "",
+             "| | |", "| --- | --- |",
+             f"| base run | `{RunDir.of(run).path}` |" if run is not None else "| base run | (a model object) |",
+             f"| checkpoint | `{getattr(model, 'checkpoint_path', None)}` |",
+             f"| data | {data} |",
+             f"| shape | {shape} |",
+             f"| parameters | {param_counts(cfg).summary()} |",
+             f"| tokenizer | eos id {getattr(tokenizer, 'eos_token_id', None)}, model_max_length {cfg.seq_len} |", ""]
+    if summary:
+        lines += ["## Depth analysis (`depthlab analyze`)", "", "```json", json.dumps(summary, indent=1), "```", ""]
+    lines += ["## Training config", "", "```yaml", yaml.safe_dump(config, sort_keys=False).strip(), "```", "",
+              "## Provenance", "", "```json", json.dumps(provenance(), indent=1), "```", ""]
+    return "\n".join(lines)
+
+
+def _data_description(data: dict) -> str:
+    from depthlab.data import TokenDataset
+
+    path = data.get("path") or ""
+    if not path:
+        return f"the bundled Shakespeare plays (byte-level BPE, vocabulary {data.get('vocab_size')})"
+    try:
+        meta = TokenDataset(path).meta
+    except Exception:  # noqa: BLE001 — the card names the path even when the data folder is gone
+        return f"`{path}`"
+    tokens = meta.get("splits", {}).get("train", {}).get("tokens")
+    return f"`{path}` ({meta.get('source')}; {tokens:,} training tokens)" if tokens else f"`{path}`"
 
 
 def save_pretrained(hf_model, tokenizer, folder: Path) -> None:

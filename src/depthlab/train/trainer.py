@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from depthlab import __version__
 from depthlab import checkpoint as ckpt
@@ -27,18 +27,20 @@ from depthlab.fileio import atomic_write_text, dumps_json
 from depthlab.model.moe import batch_routing
 from depthlab.model.params import param_counts
 from depthlab.model.transformer import Transformer
-from depthlab.precision import resolve_dtype
+from depthlab.precision import resolve_device, resolve_dtype
 from depthlab.rundir import RunDir
 from depthlab.signals import deferred_stop
 from depthlab.train import sparsity
 from depthlab.train.distributed import Dist
+from depthlab.train.loggers import Loggers
 from depthlab.train.memory import check_fits
 from depthlab.train.optim import build_optimizer, lr_at
 from depthlab.train.stats import LayerStats, block_norms
 
-# Keys that may differ between a run and its resumption (they do not change what is computed).
+# Keys that may differ between a run and its resumption: they change neither the model nor the data order.
 RESUMABLE_DIFFERENCES = ("logging.", "trainer.device", "trainer.eval_interval", "trainer.save_interval",
-                         "trainer.keep_last", "trainer.keep_every", "trainer.log_interval", "trainer.compile")
+                         "trainer.keep_last", "trainer.keep_every", "trainer.log_interval", "trainer.compile",
+                         "trainer.stats_", "trainer.max_steps", "schedule.decay_steps")
 
 
 @dataclass
@@ -83,13 +85,10 @@ def _line_step(line: str) -> int | None:
 
 
 def _device(name: str, dist: Dist) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and dist.enabled:
-        name = f"cuda:{dist.local_rank}"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"trainer.device={name} but CUDA is not available")
-    return torch.device(name)
+    device = resolve_device(name)
+    if device.type == "cuda" and device.index is None and dist.enabled:
+        device = torch.device("cuda", dist.local_rank)
+    return device
 
 
 def _resolve_data(cfg: Config):
@@ -106,12 +105,40 @@ def _resolve_data(cfg: Config):
     return dataset
 
 
+def resume_config(run_dir: str | Path, overrides: dict | None = None) -> Config:
+    """The config a run resumes with: its own ``config.yaml`` plus `overrides` of the keys that may change."""
+    run = RunDir(run_dir)
+    if not run.config_path.is_file():
+        raise CheckpointError(f"nothing to resume: {run_dir} holds no depthlab run")
+    cfg = cfgmod.from_dict(run.read_config())
+    cfgmod.apply_overrides(cfg, overrides or {})
+    _check_resume(run.path, cfg)
+    return cfgmod.validate(cfg)
+
+
 def _check_resume(run_dir: Path, cfg: Config) -> None:
-    saved = cfgmod.read_yaml(run_dir / "config.yaml")
+    """Refuse a resume that would change the model or the data order; apply the schedule rule of an extension.
+
+    Raising ``trainer.max_steps`` extends a run without changing its past: the cosine decay still ends where it was
+    planned to (``schedule.decay_steps`` := the original max_steps), and the extra steps run at the final rate
+    ``alpha_f·lr``. max_steps may not shrink.
+    """
+    saved = RunDir(run_dir).read_config()
     differences = [d for d in cfgmod.diff(saved, cfg.to_dict()) if not d.startswith(RESUMABLE_DIFFERENCES)]
     if differences:
-        raise ConfigError(f"cannot resume {run_dir}: config differs ({'; '.join(differences[:4])}"
-                          f"{' …' if len(differences) > 4 else ''})")
+        raise ConfigError(f"cannot resume {run_dir}: config differs in keys that change the model or the data order "
+                          f"({'; '.join(differences[:4])}{' …' if len(differences) > 4 else ''}); on resume only "
+                          "trainer.max_steps, intervals, statistics, logging and the device may change")
+    old_max = int(saved.get("trainer", {}).get("max_steps", cfg.trainer.max_steps))
+    old_decay = int(saved.get("schedule", {}).get("decay_steps", 0) or 0)
+    if cfg.trainer.max_steps < old_max:
+        raise ConfigError(f"cannot resume {run_dir}: trainer.max_steps may only grow on resume (the run was "
+                          f"planned for {old_max}, got {cfg.trainer.max_steps})")
+    decay = old_decay or (old_max if cfg.trainer.max_steps > old_max else 0)
+    if cfg.schedule.decay_steps not in (0, decay):
+        raise ConfigError(f"cannot resume {run_dir}: schedule.decay_steps is {decay or 'trainer.max_steps'} for this "
+                          f"run, got {cfg.schedule.decay_steps}")
+    cfg.schedule.decay_steps = decay
 
 
 def train(cfg: Config, out: str | Path, resume: bool = False) -> TrainResult:
@@ -186,7 +213,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: Dist, stop) -> TrainR
               f"| {'resuming at step ' + str(start_step) if start_step else 'from scratch'}")
     metrics = JsonlLog(run.metrics_path, start_step if resume else None, dist.is_main)
     stats_log = JsonlLog(run.layer_stats_path, start_step if resume else None, dist.is_main)
-    writers = _external_writers(cfg, run_dir) if dist.is_main else []
+    loggers = Loggers(cfg, run_dir) if dist.is_main else None
 
     train_tokens = dataset.split("train")
     val_tokens = dataset.split("val")
@@ -201,7 +228,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: Dist, stop) -> TrainR
                unit="step", dynamic_ncols=True, leave=True)
     window_start, window_steps = time.perf_counter(), 0
     while step < t.max_steps:
-        lr = lr_at(step, t.max_steps, cfg.optimizer.lr, cfg.schedule)
+        lr = lr_at(step, cfg.schedule.decay_steps or t.max_steps, cfg.optimizer.lr, cfg.schedule)
         for group in optimizer.param_groups:
             group["lr"] = lr
         want_stats = t.stats_interval and ((step + 1) % t.stats_interval == 0 or step == 0)
@@ -238,6 +265,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: Dist, stop) -> TrainR
         if stats is not None:
             record = {"step": step, "tokens": step * tokens_per_step, **stats.finish(extra)}
             stats_log.write(record)
+            if loggers is not None:
+                loggers.layer_stats(record)
         if step % t.log_interval == 0 or step == t.max_steps or step == 1:
             elapsed = time.perf_counter() - window_start
             tok_s = window_steps * tokens_per_step / max(elapsed, 1e-9)
@@ -246,8 +275,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: Dist, stop) -> TrainR
             if cfg.model.moe.num_experts:
                 record["aux_loss"] = dist.mean(aux_sum).item()
             metrics.write(record)
-            for w in writers:
-                w(record, step)
+            if loggers is not None:
+                loggers.metrics(record)
             bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tok_s:,.0f}")
             window_start, window_steps = time.perf_counter(), 0
         bar.update(1)
@@ -256,8 +285,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: Dist, stop) -> TrainR
             record = {"step": step, "tokens": step * tokens_per_step, "val_loss": val_loss,
                       "val_ppl": math.exp(min(val_loss, 50))}
             metrics.write(record)
-            for w in writers:
-                w(record, step)
+            if loggers is not None:
+                loggers.metrics(record)
             bar.write(f"step {step}: val loss {val_loss:.4f} (ppl {record['val_ppl']:.2f})") if dist.is_main else None
         stopping = bool(stop) if not dist.enabled else dist.mean(torch.tensor(float(bool(stop)), device=device)).item() > 0
         if (t.save_interval and step % t.save_interval == 0) or step == t.max_steps or stopping:
@@ -274,6 +303,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: Dist, stop) -> TrainR
     bar.close()
     metrics.close()
     stats_log.close()
+    if loggers is not None:
+        loggers.close()
     if dist.is_main and step == start_step:
         print(f"done: {run_dir} was already at step {step} (trainer.max_steps); nothing to train")
     elif dist.is_main:
@@ -324,26 +355,3 @@ def evaluate_loss(model: Transformer, val_tokens, cfg: Config, micro: int, devic
     model.train()
     total = dist.mean(sums) * dist.world_size
     return (total[0] / total[1]).item()
-
-
-def _external_writers(cfg: Config, run_dir: Path) -> list:
-    """TensorBoard when installed, W&B when configured; each a function (record, step)."""
-    writers = []
-    if cfg.logging.tensorboard:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            pass  # tensorboard is optional: metrics.jsonl has everything
-        else:
-            tb = SummaryWriter(str(run_dir / "tensorboard"))
-            writers.append(lambda rec, step: [tb.add_scalar(k, v, step) for k, v in rec.items()
-                                              if k not in ("step", "tokens")] and tb.flush())
-    if cfg.logging.wandb_project:
-        try:
-            import wandb
-        except ImportError:
-            raise ConfigError("logging.wandb_project is set but wandb is not installed (pip install wandb)") from None
-        run = wandb.init(project=cfg.logging.wandb_project, mode=cfg.logging.wandb_mode, dir=str(run_dir),
-                         config=cfg.to_dict())
-        writers.append(lambda rec, step: run.log(rec, step=step))
-    return writers
