@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from depthlab.analysis.engine import Drop, Engine, _first_tensor, get_engine
 from depthlab.analysis.replacement import AffineMap, solve_affine

@@ -17,7 +17,7 @@ Both engines must hold the same token ids (one tokenizer), since CKA compares st
 from __future__ import annotations
 
 import torch
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from depthlab.analysis.engine import Engine
 from depthlab.errors import AnalysisError

@@ -15,7 +15,7 @@ import itertools
 from dataclasses import dataclass
 
 import torch
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from depthlab.analysis.engine import Engine, get_engine
 from depthlab.analysis.results import Result

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from depthlab.analysis.engine import Baseline, Engine, get_engine
 from depthlab.analysis.results import Result

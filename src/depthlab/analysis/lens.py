@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from depthlab.analysis.engine import Engine, get_engine
 from depthlab.analysis.results import Result

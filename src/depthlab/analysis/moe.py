@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from depthlab import measures
 from depthlab.analysis.engine import Drop, Engine, get_engine

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import html
 import math
 
 import numpy as np
@@ -29,9 +30,89 @@ def to_jsonable(value):
     return value
 
 
+def _is_scalar(value) -> bool:
+    return value is None or isinstance(value, bool | int | float)
+
+
 class Result:
-    """Mixin for metric results: ``to_dict()`` gives the JSON form written to results.json."""
+    """Mixin for metric results: ``to_dict()`` gives the JSON form written to results.json; in a notebook,
+    ``per_layer()``, ``to_pandas()``, ``plot()`` and the HTML summary Jupyter shows."""
 
     def to_dict(self) -> dict:
         return to_jsonable(self)
+
+    def per_layer(self) -> dict[str, list]:
+        """The per-layer columns: each field holding one number per block (the most common list length among the
+        fields), plus the fields of per-block records (a list of dicts of numbers) of that length."""
+        data = self.to_dict()
+        lists = {k: v for k, v in data.items() if isinstance(v, list) and v and all(map(_is_scalar, v))}
+        records = {k: v for k, v in data.items()
+                   if isinstance(v, list) and v and all(isinstance(r, dict) for r in v)}
+        lengths = [len(v) for v in lists.values()] or [len(v) for v in records.values()]
+        if not lengths:
+            return {}
+        n = max(set(lengths), key=lengths.count)
+        columns = {k: v for k, v in lists.items() if len(v) == n}
+        for rows in (v for v in records.values() if len(v) == n):
+            for key in rows[0]:
+                if key != "layer" and key not in columns and all(_is_scalar(r.get(key)) for r in rows):
+                    columns[key] = [r.get(key) for r in rows]
+        return columns
+
+    def scalars(self) -> dict:
+        """The single-number fields (token counts, thresholds, summary values)."""
+        return {k: v for k, v in self.to_dict().items() if _is_scalar(v) or isinstance(v, str)}
+
+    def to_pandas(self):
+        """The per-layer columns as a DataFrame indexed by layer (the single-number fields in ``.attrs``)."""
+        try:
+            import pandas as pd
+        except ImportError:
+            from depthlab.errors import AnalysisError
+
+            raise AnalysisError("to_pandas needs pandas: pip install 'depthlab[notebook]'") from None
+        frame = pd.DataFrame(self.per_layer()).rename_axis("layer")
+        frame.attrs.update(self.scalars())
+        return frame
+
+    def plot(self, columns: list[str] | None = None):
+        """A matplotlib Figure with one panel per per-layer column (all numeric ones, or `columns`), value vs layer.
+
+        The figure is not registered with pyplot, so it does not leak between cells; Jupyter shows it when returned.
+        """
+        from matplotlib.figure import Figure
+
+        data = self.per_layer()
+        names = [c for c in (columns or data) if any(isinstance(v, int | float) for v in data.get(c, []))]
+        if columns and len(names) != len(columns):
+            from depthlab.errors import AnalysisError
+
+            raise AnalysisError(f"no per-layer numbers in {sorted(set(columns) - set(names))}; "
+                                f"available: {', '.join(data)}")
+        cols = min(3, max(1, len(names)))
+        rows = max(1, -(-len(names) // cols))
+        fig = Figure(figsize=(3.6 * cols, 2.6 * rows), layout="constrained")
+        axes = list(fig.subplots(rows, cols, squeeze=False).flat)
+        for ax, name in zip(axes, names):
+            ax.plot(range(len(data[name])), [math.nan if v is None else float(v) for v in data[name]], marker="o",
+                    ms=3)
+            ax.set_title(name, fontsize=9)
+            ax.set_xlabel("layer", fontsize=8)
+        for ax in axes[len(names):]:
+            ax.axis("off")
+        fig.suptitle(type(self).__name__, fontsize=10)
+        return fig
+
+    def _repr_html_(self) -> str:
+        """What Jupyter shows: the class, the single-number fields and the per-layer table."""
+        def cell(value) -> str:
+            return "—" if value is None else f"{value:.4g}" if isinstance(value, float) else html.escape(str(value))
+
+        data = self.per_layer()
+        head = ", ".join(f"{html.escape(k)} = {cell(v)}" for k, v in self.scalars().items())
+        rows = "".join(f"<tr><th>{i}</th>" + "".join(f"<td>{cell(data[k][i])}</td>" for k in data) + "</tr>"
+                       for i in range(len(next(iter(data.values()), []))))
+        table = (f"<table><thead><tr><th>layer</th>{''.join(f'<th>{html.escape(k)}</th>' for k in data)}</tr>"
+                 f"</thead><tbody>{rows}</tbody></table>") if data else ""
+        return f"<div><b>{type(self).__name__}</b><p>{head}</p>{table}</div>"
 

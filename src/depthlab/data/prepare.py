@@ -20,7 +20,7 @@ from itertools import islice, pairwise
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from depthlab import __version__
 from depthlab.data.dataset import FILES, FORMAT, FORMAT_VERSION, SPLITS, TokenDataset
