@@ -1,7 +1,6 @@
 import pytest
 
 from depthlab import config as cfgmod
-from depthlab.cli import main
 from depthlab.config import Config, load_config, parse_overrides
 from depthlab.errors import ConfigError
 
@@ -90,14 +89,6 @@ def test_parse_overrides_rejects_positional_junk():
     assert parse_overrides(["--a.b=1", "--c.d", "x"]) == {"a.b": 1, "c.d": "x"}
     with pytest.raises(ConfigError, match="unexpected argument"):
         parse_overrides(["n_layers=3"])
-
-
-def test_cli_one_line_error_and_exit_2(capsys):
-    assert main(["config", "tiny", "--model.n_layer=3"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "did you mean 'model.n_layers'" in err
-    assert main(["config", "--keys"]) == 0
-    assert "model.n_kv_heads" in capsys.readouterr().out
 
 
 def test_every_numeric_or_closed_string_field_declares_its_bound():

@@ -6,12 +6,11 @@ import pytest
 
 from depthlab.cli import main
 from depthlab.eval import tasks as tasks_mod
-
-from .conftest import tiny_llama
+from tests.eval.conftest import tiny_llama, tokenizer  # noqa: F401 — tokenizer is a fixture
 
 
 @pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory, tokenizer):
+def model_dirs(tmp_path_factory, tokenizer):  # noqa: F811 — the imported fixture
     root = tmp_path_factory.mktemp("models")
     model = tiny_llama(len(tokenizer))
     model.save_pretrained(root / "tiny")
