@@ -51,9 +51,13 @@ def _run(n_layers, seed, *, wd=0.1, label=None, **values):
 
 
 def test_depth_claims_trend_per_doubling():
-    runs = [_run(L, s, last_var=L * (1 + 0.05 * s), usefulness=1.0 - 0.1 * math.log2(L) + 0.01 * s)
+    runs = [_run(L, s, last_var=L * (1 + 0.05 * s), usefulness=1.0 - 0.1 * math.log2(L) + 0.01 * s,
+                 continuous_usefulness=0.05 + 0.001 * (L + s))
             for L in (2, 4, 8) for s in range(3)]
     results = {r["claim"]: r for r in claims.evaluate_study("depth", runs)}
+    twin = results["usefulness falls with depth (threshold-free: mean log loss ratio)"]
+    assert twin["verdict"] == "not reproduced" and twin["effect"] > 0  # it rises here: the opposite sign
+    assert claims.format_paper(twin, "L") == "↓"  # the paper has no threshold-free numbers
     var = results["last-layer variance grows with depth"]
     assert var["effect"] == pytest.approx(math.log(2)) and var["n"] == 9 and var["verdict"] == "reproduced"
     assert claims.format_result(var, "L").startswith("×2 [") and "per doubling of L (n=9)" in claims.format_result(

@@ -31,8 +31,9 @@ from depthlab.study.paper import KNOB_LABELS, REFERENCES, row_key
 LOG_METRICS = ("last_var", "ppl")
 """Metrics whose effects are estimated on the log scale (reported as ratios)."""
 
-METRIC_NAMES = {"usefulness": "usefulness", "last_var": "last-layer variance", "ppl": "PPL", "causal": "causal effect",
-                "permutation": "permutation score", "avg_acc": "avg accuracy (points)"}
+THRESHOLD_FREE = "continuous_usefulness"
+"""mean_l log(L_l / L_0): usefulness without the 10% threshold. Each usefulness claim is also tested on it, because
+a small model's loss ratios can all sit below 1.1 (usefulness 0 in every setting) while still differing."""
 
 
 def t_quantile(df: float) -> float:
@@ -108,7 +109,7 @@ class Claim:
     """The reference study (a key of REFERENCES) whose runs test the claim."""
     text: str
     metric: str
-    """A row metric key (usefulness, last_var, ppl, causal, permutation, avg_acc)."""
+    """A row metric key (usefulness, continuous_usefulness, last_var, ppl, causal, permutation, avg_acc)."""
     direction: int
     """The paper's sign of the effect: +1 (B above A, or rising with the knob) or −1."""
     kind: str = "trend"
@@ -154,7 +155,11 @@ CLAIMS: tuple[Claim, ...] = (
     Claim("recipe", "the recipe raises usefulness over the baseline at equal depth", "usefulness", +1, "contrast",
           named("baseline"), named("+moe")),
 )
-"""Every claim, by study. Contrast sides select runs by the paper's row key of their config (paper.row_key)."""
+CLAIMS = tuple(c for claim in CLAIMS for c in (claim, *(
+    [Claim(claim.study, f"{claim.text} (threshold-free: mean log loss ratio)", THRESHOLD_FREE, claim.direction,
+           claim.kind, claim.a, claim.b)] if claim.metric == "usefulness" else [])))
+"""Every claim, by study, each usefulness claim followed by its threshold-free twin (the paper's direction, no paper
+numbers). Contrast sides select runs by the paper's row key of their config (paper.row_key)."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -173,7 +178,7 @@ def evaluate_claim(claim: Claim, runs: list[dict]) -> dict[str, Any]:
         value = run["values"].get(claim.metric)
         if value is None or not math.isfinite(value) or (log and value <= 0) or not run["config"]:
             continue
-        reliable = claim.metric != "usefulness" or run["reliable"].get("usefulness", True)
+        reliable = claim.metric not in ("usefulness", THRESHOLD_FREE) or run["reliable"].get("usefulness", True)
         points.append((row_key(claim.study, run["config"], run["label"]), math.log(value) if log else value,
                        reliable))
     keys = list({p[0]: None for p in points})

@@ -6,9 +6,10 @@ Only finished runs (``done.json``) enter the table and figures; the others are l
 
 Table values per run: val loss = the training run's final validation loss (nats/token); PPL = the held-out
 perplexity measured after training when the study asked for it, else exp(val loss); usefulness, causal and
-permutation = the analysis scores (SPEC §5.4–5.5); avg acc = macro-average downstream accuracy in points; last-layer
-var = out_var of the last block at the last logged step (raw stream, before the final norm). A setting with several
-seeds shows mean ± the half-width of the 95% Student-t interval of the mean.
+permutation = the analysis scores (SPEC §5.4–5.5); mean log ratio = the threshold-free usefulness
+mean_l log(L_l / L_0); avg acc = macro-average downstream accuracy in points; last-layer var = out_var of the last
+block at the last logged step (raw stream, before the final norm). A setting with several seeds shows mean ± the
+half-width of the 95% Student-t interval of the mean.
 
 Each report opens with the claims of the paper that its study tests (`depthlab.study.claims`), and marks what
 undermines a number: a usefulness from an under-determined fit (†) and a run whose validation loss is not below the
@@ -35,7 +36,8 @@ from depthlab.study.paper import KNOB_LABELS, REFERENCES, paper_numbers
 from depthlab.study.runner import list_runs, read_json, run_state
 
 COLUMNS = (("val_loss", "val loss", ".3f"), ("ppl", "PPL", ".2f"), ("usefulness", "usefulness", ".3f"),
-           ("causal", "causal", ".3f"), ("permutation", "permutation", ".3f"), ("avg_acc", "avg acc (%)", ".1f"),
+           ("continuous_usefulness", "mean log ratio", ".4f"), ("causal", "causal", ".3f"),
+           ("permutation", "permutation", ".3f"), ("avg_acc", "avg acc (%)", ".1f"),
            ("last_var", "last-layer var", ".4g"))
 """(metric key, column title, number format) of the study table, run values and paper values alike."""
 UNRELIABLE, BELOW_BIGRAM = "†", "‡"
@@ -78,8 +80,9 @@ def read_run(run_dir: str | Path) -> dict[str, Any]:
     average = evaluation.get("groups", {}).get("average")
     if average:
         values["avg_acc"] = 100 * average["acc,none"]
-    for key, metric, field in (("usefulness", "usefulness", "score"), ("causal", "causal", "mean_effect"),
-                               ("permutation", "permutation", "mean_score")):
+    for key, metric, field in (("usefulness", "usefulness", "score"),
+                               ("continuous_usefulness", "usefulness", "continuous_score"),
+                               ("causal", "causal", "mean_effect"), ("permutation", "permutation", "mean_score")):
         if metric in analysis and analysis[metric].get(field) is not None:
             values[key] = analysis[metric][field]
     jacobian = analysis.get("jacobian", {}).get("layers")
@@ -230,7 +233,7 @@ def _cell(summary: dict | None, fmt: str, mark: str = "") -> str:
 
 
 def _mark(row: dict, key: str) -> str:
-    if key == "usefulness" and row["unreliable"]:
+    if key in ("usefulness", "continuous_usefulness") and row["unreliable"]:
         return UNRELIABLE
     if key == "val_loss" and row["below_bigram"]:
         return BELOW_BIGRAM
