@@ -1,4 +1,5 @@
-"""Fixtures shared across the suite: a small prepared dataset and a tiny training config that trains in seconds."""
+"""Fixtures shared across the suite: a small prepared dataset, a tiny training config that trains in seconds, and a
+tiny Hugging Face Llama folder."""
 
 from __future__ import annotations
 
@@ -44,3 +45,26 @@ def tiny_config(dataset, *overrides: str):
         "--trainer.eval_interval=6", "--trainer.eval_batches=2", "--trainer.stats_interval=3",
         "--trainer.log_interval=1", "--schedule.warmup_steps=3", "--logging.progress=false",
         "--logging.tensorboard=false", "--trainer.dtype=fp32", *overrides])
+
+
+@pytest.fixture(scope="session")
+def hf_folder(tmp_path_factory):
+    """A tiny Llama (3 blocks) and a byte-level BPE trained on a few lines, saved as a normal HF folder."""
+    import transformers as T
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    text = ["To be, or not to be, that is the question.", "All the world's a stage, and all the men players."]
+    tok.train_from_iterator(text * 20, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = T.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+    torch.manual_seed(0)
+    config = T.LlamaConfig(vocab_size=len(fast), hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                           initializer_range=0.25)
+    T.LlamaForCausalLM(config).save_pretrained(folder)
+    fast.save_pretrained(folder)
+    return folder
