@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from depthlab.analysis import usefulness
-from depthlab.cli import main
 from depthlab.errors import AnalysisError
 from depthlab.tools.doctor import diagnose, growth_fits, recipe_levers
 
@@ -65,25 +64,3 @@ def test_too_few_fit_tokens_are_refused():
     ids = torch.randint(0, V, (4, 25), generator=torch.Generator().manual_seed(0))
     with pytest.raises(AnalysisError, match="doctor refuses .* unreliable usefulness .* 75 tokens"):
         diagnose(model, input_ids=ids)
-
-
-def test_cli_doctor_on_a_depthlab_run(depthlab_run, tmp_path, capsys):
-    out = tmp_path / "diag.json"
-    assert main(["doctor", str(depthlab_run), "--num-samples", "4", "--seq-len", "32", "--json", str(out),
-                 "--no-progress"]) == 0
-    printed = capsys.readouterr().out
-    diag = json.loads(out.read_text())
-    assert diag["n_layers"] == 4 and diag["sample"]["num_samples"] == 4 and diag["sample"]["seq_len"] == 32
-    levers = {lv["lever"]: lv for lv in diag["levers"]}
-    assert levers["weight decay"]["model"] == "0.1" and levers["weight decay"]["status"] == "present"
-    assert levers["GQA"]["model"] == "G = 2" and levers["long context"]["status"] == "absent"
-    assert f"effective depth: {diag['effective_depth']} of 4 blocks useful" in printed
-
-
-@pytest.mark.parametrize("argv, message", [(["/nonexistent/model"], "no such model"),
-                                           (["--num-samples", "0"], "must be positive")])
-def test_cli_doctor_bad_input_is_one_line(hf_folder, capsys, argv, message):
-    args = ["doctor", *(argv if argv[0].startswith("/") else [str(hf_folder), *argv]), "--no-progress"]
-    assert main(args) == 2
-    err = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if line.startswith("depthlab")]
-    assert len(err) == 1 and message in err[0]
