@@ -16,6 +16,7 @@ def test_cli_writes_results_and_figures(tmp_path, capsys):
     assert code == 0
     data = json.loads((out / "results.json").read_text())
     assert data["settings"]["densities"] == [1.0, 0.25] and len(data["runs"][0]["var"][0]) == 5
+    assert data["provenance"]["command"].startswith("depthlab theory --mask iid")
     assert (out / "iid_pre.png").stat().st_size > 0 and (out / "summary.png").exists()
     printed = capsys.readouterr().out
     assert "for 4 layers × d=16" in printed and "Var growth" in printed

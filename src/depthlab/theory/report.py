@@ -10,6 +10,7 @@ import numpy as np
 
 from depthlab.errors import ConfigError
 from depthlab.fileio import atomic_write
+from depthlab.provenance import provenance
 
 
 def _fmt(values) -> str:
@@ -145,7 +146,7 @@ def save(result, out: str | os.PathLike) -> list[str]:
     except OSError as e:
         raise ConfigError(f"cannot create output folder {out}: {e}") from None
     paths = [out / "results.json"]
-    text = json.dumps(result.to_dict(), indent=1, allow_nan=False)
+    text = json.dumps({**result.to_dict(), "provenance": provenance(device="cpu")}, indent=1, allow_nan=False)
     atomic_write(paths[0], lambda tmp: Path(tmp).write_text(text))
 
     import matplotlib
