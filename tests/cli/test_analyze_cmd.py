@@ -48,3 +48,14 @@ def test_cli_bad_input_is_one_line_exit_2(hf_folder, tmp_path, capsys, argv, mes
     err = _error_lines(capsys.readouterr().err)
     assert rc == 2 and len(err) == 1 and message in err[0], err
     assert not (out / "results.json").exists() and not (out / "metrics").exists()  # nothing written
+
+
+def test_json_on_stdout_is_strict_json(hf_folder, tmp_path, capsys):
+    def no_nan(name):
+        raise AssertionError(f"{name} is not JSON")
+
+    assert main(["analyze", str(hf_folder), "--metrics", "variance,causal", "--num-samples", "2", "--seq-len", "8",
+                 "--out", str(tmp_path / "a"), "--json", "-q"]) == 0
+    results = json.loads(capsys.readouterr().out, parse_constant=no_nan)  # only the JSON, nothing else
+    assert set(results["metrics"]) == {"variance", "causal"} and results["provenance"]["command"].startswith(
+        "depthlab analyze")

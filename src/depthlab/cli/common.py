@@ -9,7 +9,6 @@ imports no torch: ``depthlab --help`` and shell completion stay fast.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from depthlab.precision import DTYPE_NAMES
@@ -75,7 +74,9 @@ def emit_json(args: argparse.Namespace, data: dict) -> bool:
     """Write `data` where ``--json`` asks (stdout for a bare --json); True when stdout took it (skip the text)."""
     if args.json is None:
         return False
-    text = json.dumps(data, indent=1, default=str) + "\n"
+    from depthlab.fileio import dumps_json  # NaN/inf → null: the output is valid JSON for any parser
+
+    text = dumps_json(data, indent=1, default=str) + "\n"
     if args.json == "-":
         sys.stdout.write(text)
         return True
