@@ -18,9 +18,11 @@ def _offline(monkeypatch):
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
 
 
-def snapshot(root: Path) -> dict[str, int]:
-    """Every path under `root` with its modification time (ns): equal snapshots mean nothing was written."""
-    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in sorted(root.rglob("*"))}
+def snapshot(root: Path) -> dict[str, tuple]:
+    """Every path under `root`, files with their size and modification time (ns): equal snapshots mean nothing was
+    created, changed or deleted. Folder mtimes are left out: a lock file created and removed again is no change."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) if p.is_file() else "dir"
+            for p in sorted(root.rglob("*")) if not p.is_symlink()}
 
 
 def write_config(cfg, path: Path) -> Path:
@@ -62,4 +64,41 @@ def workspace(tiny_dataset, tmp_path_factory):
         (root / name).write_text(text)
     (root / "binary.yaml").write_bytes(b"\xff\xfe\x00\x80garbage")
     (root / "empty").mkdir()
+    _corrupt_models(root)
+    (root / "dangling").symlink_to(root / "nowhere")
     return root
+
+
+def _corrupt_models(root: Path) -> None:
+    """Damaged model files of every kind: GGUF (garbage, header only, truncated), an HF folder whose safetensors is
+    not one, runs with a torn tokenizer.json / config.yaml, and an analysis folder whose results.json is a list."""
+    import shutil
+
+    from depthlab.loading import alias_path
+
+    (root / "garbage.gguf").write_bytes(b"not a gguf file\n")
+    (root / "header.gguf").write_bytes(b"GGUF")
+    with open(alias_path("smollm2"), "rb") as f:
+        (root / "truncated.gguf").write_bytes(f.read(4096))
+    shutil.copytree(root / "hfnoweights", root / "hfbadweights")
+    (root / "hfbadweights" / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
+    for name, damaged, text in (("torntok", "tokenizer.json", '{"version": "1.0", "trunc'),
+                                ("torncfg", "config.yaml", "model: [1\n")):
+        shutil.copytree(root / "run", root / name)
+        (root / name / damaged).write_text(text)
+    (root / "listresults").mkdir()
+    (root / "listresults" / "results.json").write_text("[1, 2]\n")
+
+
+@pytest.fixture(scope="module")
+def read_only(tmp_path_factory):
+    """A read-only tmpfs (None where mounting is not allowed)."""
+    import subprocess
+
+    path = tmp_path_factory.mktemp("readonly")
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,ro", "tmpfs", str(path)], check=False,
+                      capture_output=True).returncode:
+        yield None
+        return
+    yield path
+    subprocess.run(["umount", str(path)], check=False)

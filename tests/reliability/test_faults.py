@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from depthlab.cli import main
 from depthlab import checkpoint as ckpt
+from depthlab.cli import main
 from depthlab.train.trainer import train
 from tests.conftest import tiny_config
 from tests.reliability.conftest import write_config

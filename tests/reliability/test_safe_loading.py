@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from depthlab import checkpoint as ckpt
 from depthlab.cli import main
 from depthlab.errors import CheckpointError, ModelLoadError
 from depthlab.loading import load_model
-from depthlab import checkpoint as ckpt
 from tests.conftest import tiny_config
 from tests.reliability.conftest import write_config
 

@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 import depthlab.data
-from depthlab.errors import CheckpointError, ConfigError, TrainingError
 from depthlab import checkpoint as ckpt
+from depthlab.errors import CheckpointError, ConfigError, TrainingError
 from depthlab.train.trainer import train
 from tests.conftest import tiny_config
 

@@ -68,8 +68,8 @@ def run_analysis(model: str, out_dir: str | Path, *, metrics=None, data: str | N
                              "micro_batch_size": micro_batch_size, "options": opts},
                 "versions": versions()}
     out = Path(out_dir)
+    results = _resume(out, identity)  # before creating anything: it refuses a folder that is not an analysis's
     (out / "metrics").mkdir(parents=True, exist_ok=True)
-    results = _resume(out, identity)
     results.update(identity)
     results["provenance"] = provenance(net, device=device, dtype=dtype)
     results.setdefault("metrics", {})

@@ -293,6 +293,10 @@ def run_study(spec: StudySpec | str | Path, out: str | Path | None = None, *, sc
     if not isinstance(spec, StudySpec):
         spec = load_spec(spec, scale)
     if overrides:
+        swept = set(spec.grid or {}).union(*(set(e) for e in spec.runs or []), {"trainer.seed"})
+        if set(overrides) & swept:
+            raise StudyError(f"{', '.join(sorted(set(overrides) & swept))} is set by every run of study "
+                             f"'{spec.name}' (its grid, runs or seeds): an override would be ignored; edit the spec")
         spec = dataclasses.replace(spec, config={**spec.config, **overrides})
         check_dynamics(spec)  # every run's config must still be valid and keep its dynamics checkpoints
     if jobs < 1 or nproc_per_node < 1:

@@ -36,6 +36,10 @@ from depthlab.errors import AnalysisError, ConfigError, EvalError, StudyError
 
 SPEC_KEYS = ("name", "description", "reference", "runtime", "gpu_hours", "base", "config", "grid", "runs", "seeds",
              "measure")
+SPEC_TYPES = {"name": (str, int), "description": str, "reference": str, "runtime": str, "base": str,
+              "config": dict, "grid": dict, "runs": list, "measure": dict}
+"""The type of each top-level spec key (seeds and gpu_hours are checked with their values)."""
+_TYPE_WORDS = {str: "string", dict: "mapping", list: "list", (str, int): "string"}
 MEASURE_KEYS = ("eval_tasks", "eval_limit", "perplexity", "analysis", "analysis_samples", "analysis_seq_len",
                 "fit_samples", "fit_seq_len", "analysis_options", "dynamics", "dynamics_analysis")
 _SHORT = {"model.n_layers": "L", "model.d_model": "d", "optimizer.weight_decay": "wd", "model.seq_len": "T",
@@ -230,6 +234,9 @@ def parse_spec(data: dict[str, Any], scale: str | None = None, where: str = "spe
         scale = scale or ("tiny" if "tiny" in scales else next(iter(scales)))
         if scale not in scales:
             raise StudyError(f"{where}: no scale '{scale}'; available: {', '.join(scales)}")
+        if not isinstance(scales[scale] or {}, dict):
+            raise StudyError(f"{where}: scale section '{scale}' must be a mapping, got "
+                             f"{type(scales[scale]).__name__}")
         section = dict(scales[scale] or {})
         if "config" in section:
             section["config"] = {**_flatten(data.get("config") or {}), **_flatten(section["config"] or {})}
@@ -243,6 +250,11 @@ def parse_spec(data: dict[str, Any], scale: str | None = None, where: str = "spe
         raise StudyError(f"{where}: unknown spec key(s) {', '.join(map(repr, unknown))}; valid: {', '.join(SPEC_KEYS)}")
     if "name" not in data:
         raise StudyError(f"{where}: the spec needs a 'name'")
+    for key, kind in SPEC_TYPES.items():
+        value = data.get(key)
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+            raise StudyError(f"{where}: '{key}' must be a {_TYPE_WORDS[kind]}, got {type(value).__name__} "
+                             f"{value!r}"[:200])
     grid, runs = data.get("grid"), data.get("runs")
     if (grid is None) == (runs is None):
         raise StudyError(f"{where}: give exactly one of 'grid' (cartesian product) or 'runs' (explicit list)")
@@ -303,6 +315,16 @@ def _parse_measure(data: dict[str, Any], where: str) -> Measurements:
     if unknown:
         raise StudyError(f"{where}: unknown measure key(s) {', '.join(unknown)}; valid: {', '.join(MEASURE_KEYS)}")
     m = Measurements(**data)
+    if not isinstance(m.analysis_options, dict) or not all(
+            isinstance(k, str) and isinstance(v, dict) for k, v in m.analysis_options.items()):
+        raise StudyError(f"{where}: measure.analysis_options must map metric names to mappings of options, got "
+                         f"{m.analysis_options!r}"[:200])
+    from depthlab.analysis.suite import resolve_options
+
+    try:
+        resolve_options(m.analysis_options)
+    except AnalysisError as e:
+        raise StudyError(f"{where}: measure.analysis_options: {e}") from None
     if isinstance(m.eval_tasks, str):
         m.eval_tasks = [t.strip() for t in m.eval_tasks.split(",") if t.strip()]
     for key in ("analysis", "dynamics_analysis"):
