@@ -162,7 +162,7 @@ def evaluate_lmeval(model, tokenizer, tasks: str | list[str] = "all", *, limit: 
 
     Returns lm-eval's own output (``results``, ``n-samples``, ``configs``, ...; ``samples`` when logged), where
     ``results["mmlu"]`` is lm-eval's size-weighted group over the subjects and ``samples["mmlu"]`` gathers the
-    subjects' samples in file order; our macro average is added under ``groups["average"]``.
+    subjects' samples in file order; our macro average is added as the group ``average``, as ``evaluate`` has it.
     """
     from transformers import PreTrainedModel
 
@@ -203,6 +203,8 @@ def evaluate_lmeval(model, tokenizer, tasks: str | list[str] = "all", *, limit: 
                     total += 1
         out["samples"]["mmlu"] = [{**s, "doc_id": offsets[subject] + s["doc_id"]} for subject in subjects
                                   for s in sorted(out["samples"][f"mmlu_{subject}"], key=lambda s: s["doc_id"])]
-    results = {name: out["results"][name] for name in names}
-    out["groups"] = {**out.get("groups", {}), GROUP: _average(results)}
+    average = _average({name: out["results"][name] for name in names})
+    out["results"][GROUP] = average
+    out["groups"] = {**out.get("groups", {}), GROUP: average}
+    out["group_subtasks"][GROUP] = names
     return out

@@ -294,7 +294,8 @@ def format_table(results: dict) -> str:
     rows = [header]
     n_samples, n_shot = results.get("n-samples", {}), results.get("n-shot", {})
     for name, r in entries.items():
-        split = results.get("configs", {}).get(name, {}).get("validation_split", "")
+        config = results.get("configs", {}).get(name, {})
+        split = config.get("validation_split") or config.get("test_split") or ""  # the bridge's file is its test split
         rows.append((name, split, str(n_shot.get(name, "")), str(n_samples.get(name, {}).get("effective", "")),
                      *(cell(r, k) for k in metrics)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
