@@ -170,3 +170,12 @@ def test_combined_table_links_only_written_reports(tmp_path, capsys):
     for target in [line.split("](")[1].split(")")[0] for line in text.splitlines() if "](" in line]:
         assert (readme.parent / target).exists(), target  # cites only files that exist
     assert (tmp_path / "results" / "depth-tiny" / "report.html").exists()
+
+
+def test_report_names_the_study_folder_instead_of_citing_its_path(tmp_path):
+    study = _depth_study(tmp_path / "depth-tiny")
+    failed = make_run(study, "L8__s0", label="L8", n_layers=8, seed=0, val_ppl=50.0, out_var=[[1.0] * 8],
+                      state="failed")
+    (failed / "failed.json").write_text(json.dumps({"error": f"AnalysisError: saved in {failed / 'analysis'}"}))
+    md = write_reports([study], tmp_path / "out")[1].read_text()
+    assert "AnalysisError: saved in STUDY/runs/L8__s0/analysis" in md and str(tmp_path) not in md

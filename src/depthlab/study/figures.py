@@ -3,7 +3,8 @@
 Every function takes the aggregated rows (one per setting, see ``depthlab.study.report.aggregate``) and a context
 line (model shape, training length, analysis sample, seeds) for the title, and returns None when the study has
 nothing to plot for it. Conventions, so every figure reads the same: one metric per axis; the seed-to-seed spread
-as the 95% Student-t interval of the mean (bands over steps, error bars over settings); a knob spanning a factor
+as the 95% Student-t interval of the mean (bands over steps, error bars over settings; for variances, on a log y
+axis, the interval of the mean log around the geometric mean); a knob spanning a factor
 ≥ 4 on a log₂ axis ticked at its values (weight decay, which includes 0, on a symmetric-log axis); integer block
 ticks; 1000 px wide at ≥ 11 pt.
 """
@@ -73,6 +74,17 @@ def _band(values: np.ndarray) -> np.ndarray | None:
     return t_quantile(n - 1) * values.std(0, ddof=1) / math.sqrt(n)
 
 
+def _center_band(values: np.ndarray, log: bool) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """(center, lower, upper) over seeds: the mean ± its 95% interval, or for a log-scale quantity the geometric
+    mean × / ÷ the interval of the mean log (so the band stays positive and matches the claims' log-scale effects)."""
+    if log:
+        logs = np.log(np.clip(values, 1e-300, None))
+        center, half = logs.mean(0), _band(logs)
+        return np.exp(center), *((None, None) if half is None else (np.exp(center - half), np.exp(center + half)))
+    center, half = values.mean(0), _band(values)
+    return center, *((None, None) if half is None else (center - half, center + half))
+
+
 def _legend(ax, rows) -> None:
     if len(rows) > 1:
         ax.legend(title="setting", ncols=2 if len(rows) > 6 else 1)
@@ -88,10 +100,10 @@ def variance_vs_step(rows: list[dict], context: str = "") -> bytes | None:
     for row, color in zip(rows, _colors(len(rows))):
         curves = _stack(row["var_curves"])
         steps = np.array(row["var_steps"][:curves.shape[1]])
-        mean, half = curves.mean(0), _band(curves)
-        ax.plot(steps, mean, color=color, label=f"{row['label']} (n={len(curves)})")
-        if half is not None:
-            ax.fill_between(steps, np.clip(mean - half, mean * 1e-3, None), mean + half, color=color, alpha=0.2)
+        center, low, high = _center_band(curves, log=True)
+        ax.plot(steps, center, color=color, label=f"{row['label']} (n={len(curves)})")
+        if low is not None:
+            ax.fill_between(steps, low, high, color=color, alpha=0.2)
     ax.set(xlabel="training step", ylabel=VAR_LABEL, yscale="log")
     _legend(ax, rows)
     return _png(fig, "Last-layer variance during training", context)
@@ -131,8 +143,9 @@ def _profile(rows: list[dict], key: str, ylabel: str, title: str, log: bool, con
     for row, color in zip(rows, _colors(len(rows))):
         values = _stack(row[key])
         layers = np.arange(values.shape[1])
-        ax.errorbar(layers, values.mean(0), yerr=_band(values), color=color, marker="o", ms=4, capsize=3,
-                    label=f"{row['label']} (n={len(values)})")
+        center, low, high = _center_band(values, log)
+        ax.errorbar(layers, center, yerr=None if low is None else [center - low, high - center], color=color,
+                    marker="o", ms=4, capsize=3, label=f"{row['label']} (n={len(values)})")
     ax.set(xlabel=r"block $\ell$", ylabel=ylabel, yscale="log" if log else "linear")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     _legend(ax, rows)
@@ -210,9 +223,10 @@ def analysis_vs_knob(rows: list[dict], knob: str | None, context: str = "") -> b
 
 @_styled
 def ppl_usefulness_vs_knob(rows: list[dict], knob: str | None, context: str = "") -> bytes | None:
-    """Perplexity (left) and usefulness (right) vs the knob."""
+    """Perplexity, usefulness and its threshold-free form (the mean log loss ratio) vs the knob."""
     name = KNOB_LABELS.get(knob, knob or "setting")
-    return _per_metric(rows, knob, (("ppl", "perplexity"), ("usefulness", "usefulness")),
+    return _per_metric(rows, knob, (("ppl", "perplexity"), ("usefulness", "usefulness"),
+                                    ("continuous_usefulness", r"mean $\log(\mathcal{L}_\ell / \mathcal{L}_0)$")),
                        f"Perplexity and usefulness vs {name}", context)
 
 

@@ -276,8 +276,9 @@ def build_figures(agg: dict) -> list[tuple[str, str, bytes]]:
          figures.jacobian_profile(rows, context)),
         (f"analysis_vs_{stem}", (f"Usefulness, causal effect and permutation score vs {knob or 'setting'} "
          "(error bars = 95% interval)."), figures.analysis_vs_knob(rows, knob, context)),
-        (f"ppl_usefulness_vs_{stem}", (f"Perplexity and usefulness vs {knob or 'setting'} (error bars = 95% "
-         "interval)."), figures.ppl_usefulness_vs_knob(rows, knob, context)),
+        (f"ppl_usefulness_vs_{stem}", (f"Perplexity, usefulness and mean log loss ratio vs {knob or 'setting'} "
+                                       "(error bars = 95% interval)."),
+         figures.ppl_usefulness_vs_knob(rows, knob, context)),
         ("accuracy_bars", "Average downstream accuracy (bars) and usefulness per setting (95% intervals).",
          figures.accuracy_bars(rows, context)),
     ]
@@ -298,10 +299,16 @@ def _status_rows(agg: dict) -> list[list[str]]:
             return "—"
         return " → ".join(f"{v[0]:.2f}" if v else "?" for v in (la.get("start"), la.get("end")))
 
+    def error(run):  # the study folder is not part of a checked-in report: name it, do not cite its path
+        text = run["error"] or ""
+        for prefix in {str(Path(agg["study_dir"]).resolve()), agg["study_dir"]}:
+            text = text.replace(prefix, "STUDY")
+        return text
+
     return [[run["name"], run["state"], fmt(run["values"].get("val_loss"), ".3f"),
              fmt(run["baselines"].get("bigram"), ".3f"),
              {True: "yes", False: f"NO {BELOW_BIGRAM}", None: "—"}[run["beats_bigram"]], fmt(run["seconds"], ".0f"),
-             load(run), run["error"] or ""] for run in agg["runs"]]
+             load(run), error(run)] for run in agg["runs"]]
 
 
 def _baselines_line(agg: dict) -> str | None:
