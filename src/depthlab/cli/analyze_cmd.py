@@ -78,7 +78,7 @@ def _analyze(args) -> int:
                            seq_len=args.seq_len, fit_samples=args.fit_samples, fit_seq_len=args.fit_seq_len,
                            seed=args.seed, dtype=args.dtype, device=args.device,
                            micro_batch_size=args.micro_batch_size, options=parse_options(args.option),
-                           progress=not args.quiet)
+                           progress=not args.quiet, log=common.progress_log(args))
     if common.emit_json(args, results):
         return 0
     print(format_summary(results))
@@ -93,7 +93,7 @@ def _track(args) -> int:
                                  data=args.data, num_samples=args.num_samples, seq_len=args.seq_len, seed=args.seed,
                                  dtype=args.dtype, device=args.device, micro_batch_size=args.micro_batch_size,
                                  options=parse_options(args.option), progress=not args.quiet,
-                                 log=(lambda _: None) if args.quiet else print)
+                                 log=common.progress_log(args))
     if common.emit_json(args, tracking):
         return 0
     print(format_tracking(tracking))

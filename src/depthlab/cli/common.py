@@ -50,7 +50,7 @@ def add_seed(p: argparse.ArgumentParser, what: str = "sampling seed", default: i
 
 def add_quiet(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", "--no-progress", dest="quiet", action="store_true",
-                   help="no progress bars or progress lines, only the result")
+                   help="no progress bars (status lines and the result still print)")
 
 
 def resolve_machine(args: argparse.Namespace) -> None:
@@ -68,6 +68,13 @@ def resolve_machine(args: argparse.Namespace) -> None:
         args.device = str(resolved)
     if dtype is not None:
         args.dtype = dtype_name(resolve_dtype(dtype, resolved))
+
+
+def progress_log(args: argparse.Namespace):
+    """Where a command's status lines go: stderr when stdout carries --json, else stdout."""
+    if getattr(args, "json", None) == "-":
+        return lambda line: print(line, file=sys.stderr)
+    return print
 
 
 def emit_json(args: argparse.Namespace, data: dict) -> bool:
