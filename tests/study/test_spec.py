@@ -136,7 +136,9 @@ def test_smoke_spec_is_the_largest_run_for_two_steps():
         (run,) = smoke.resolve()
         t = run.config["trainer"]
         assert t["max_steps"] == 2 and not t["compile"] and smoke.measure.analysis_samples <= 2, name
-    assert smoke_spec(load_spec("depth", "small")).resolve()[0].name == "L32"
+    depth = smoke_spec(load_spec("depth", "small"))
+    assert depth.resolve()[0].name == "L32" and depth.measure.analysis_options["permutation"] == {"pairs": "adjacent"}
+    assert depth.measure.analysis_options["jacobian"] == {"mode": "estimate", "probes": 2}
     assert smoke_spec(load_spec("context", "small")).resolve()[0].name == "T8192"
     assert len(smoke_spec(load_spec("gqa", "small"), all_runs=True).resolve()) == 3
     with pytest.raises(StudyError, match="--steps must be >= 1"):

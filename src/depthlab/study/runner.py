@@ -330,12 +330,16 @@ def run_study(spec: StudySpec | str | Path, out: str | Path | None = None, *, sc
 
 def smoke_spec(spec: StudySpec, steps: int = 2, all_runs: bool = False) -> StudySpec:
     """`spec` cut to a smoke test of its code paths: `steps` training steps (checkpoint every step, no compile),
-    measurements on a handful of examples, and only its largest run (most parameters × context) unless `all_runs`."""
+    measurements on a handful of examples (adjacent permutation pairs, 2 Jacobian probes), and only its largest run
+    (most parameters × context) unless `all_runs`."""
     if steps < 1:
         raise StudyError(f"--steps must be >= 1, got {steps}")
     config = {**spec.config, "trainer.max_steps": steps, "trainer.save_interval": 1, "trainer.keep_last": steps + 1,
               "trainer.eval_interval": steps, "trainer.compile": False}
-    measure = dataclasses.replace(spec.measure, eval_limit=4, analysis_samples=min(2, spec.measure.analysis_samples))
+    options = {**spec.measure.analysis_options, "permutation": {"pairs": "adjacent"},
+               "jacobian": {**spec.measure.analysis_options.get("jacobian", {}), "probes": 2}}
+    measure = dataclasses.replace(spec.measure, eval_limit=4, analysis_samples=min(2, spec.measure.analysis_samples),
+                                  analysis_options=options)
     smoke = dataclasses.replace(spec, name=f"{spec.name}-smoke", config=config, measure=measure)
     if not all_runs:
         from depthlab import config as cfgmod
