@@ -18,6 +18,7 @@ _EXPORTS = {
     "study_status": "depthlab.study.runner",
     "aggregate": "depthlab.study.report",
     "write_report": "depthlab.study.report",
+    "write_reports": "depthlab.study.report",
     "compare_runs": "depthlab.study.compare",
 }
 
