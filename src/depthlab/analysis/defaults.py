@@ -8,9 +8,10 @@ DEFAULT_METRICS = ("variance", "angular", "usefulness", "causal", "permutation",
                    "attention_sparsity", "moe")
 """What `analyze` and `depthlab analyze` run by default (moe only for MoE models); `all` adds the Jacobian."""
 DEFAULT_OPTIONS = {"permutation": {"pairs": "adjacent"}, "jacobian": {"mode": "estimate", "probes": 16,
-                                                                      "power_iters": 4}}
+                                                                      "power_iters": 30}}
 """Per-metric options applied unless overridden: adjacent pairs only (L−1 swaps instead of L(L−1)/2), and the
-Rademacher Jacobian estimate instead of d VJPs per block."""
+Rademacher Jacobian estimate instead of d VJPs per block, with at most 30 Lanczos iterations for σ_max (it stops
+once converged: 12 on a SmolLM2 block; fewer than needed would leave spectral_norm unreported)."""
 NEAR_IDENTITY_ANGLE = 0.05
 """A block is reported near-identity when its mean angular distance arccos(cos)/π is below this (cos > 0.988)."""
 
