@@ -121,7 +121,7 @@ class Claim:
     paper_b: Any = None
 
 
-CLAIMS: tuple[Claim, ...] = (
+_PAPER_CLAIMS = (
     Claim("depth", "last-layer variance grows with depth", "last_var", +1, paper_a=12, paper_b=32),
     Claim("depth", "usefulness falls with depth", "usefulness", -1, paper_a=12, paper_b=32),
     Claim("depth", "the causal effect of a block falls with depth", "causal", -1, paper_a=12, paper_b=32),
@@ -150,12 +150,12 @@ CLAIMS: tuple[Claim, ...] = (
           named("baseline"), named("+moe"), "baseline", "+moe"),
     Claim("recipe", "the recipe at 2L beats the L-layer reference (avg accuracy)", "avg_acc", +1, "contrast",
           named("half-depth"), named("+moe"), "half-depth", "+moe"),
-    Claim("recipe", "doubling depth alone does not help (baseline 2L vs L reference, avg accuracy)", "avg_acc", -1,
+    Claim("recipe", "doubling depth alone lowers avg accuracy (baseline 2L vs the L reference)", "avg_acc", -1,
           "contrast", named("half-depth"), named("baseline"), "half-depth", "baseline"),
     Claim("recipe", "the recipe raises usefulness over the baseline at equal depth", "usefulness", +1, "contrast",
           named("baseline"), named("+moe")),
 )
-CLAIMS = tuple(c for claim in CLAIMS for c in (claim, *(
+CLAIMS: tuple[Claim, ...] = tuple(c for claim in _PAPER_CLAIMS for c in (claim, *(
     [Claim(claim.study, f"{claim.text} (threshold-free: mean log loss ratio)", THRESHOLD_FREE, claim.direction,
            claim.kind, claim.a, claim.b)] if claim.metric == "usefulness" else [])))
 """Every claim, by study, each usefulness claim followed by its threshold-free twin (the paper's direction, no paper
