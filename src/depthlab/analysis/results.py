@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import html
 import math
+import sys
 
 import numpy as np
 import torch
@@ -28,6 +29,16 @@ def to_jsonable(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+def _register_png_display() -> None:
+    """In an IPython shell (Jupyter), render returned matplotlib Figures as PNG; elsewhere nothing."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    if shell is not None:
+        from IPython.core.pylabtools import select_figure_formats
+
+        select_figure_formats(shell, {"png"})
 
 
 def _is_scalar(value) -> bool:
@@ -78,9 +89,12 @@ class Result:
     def plot(self, columns: list[str] | None = None):
         """A matplotlib Figure with one panel per per-layer column (all numeric ones, or `columns`), value vs layer.
 
-        The figure is not registered with pyplot, so it does not leak between cells; Jupyter shows it when returned.
+        The figure is not registered with pyplot, so it does not leak between cells or show twice; in IPython it is
+        shown when returned (its PNG formatter is registered, as ``%matplotlib inline`` does).
         """
         from matplotlib.figure import Figure
+
+        _register_png_display()
 
         data = self.per_layer()
         names = [c for c in (columns or data) if any(isinstance(v, int | float) for v in data.get(c, []))]
