@@ -132,7 +132,7 @@ def test_report_escapes_hostile_user_strings(tmp_path):
     make_run(study, "a", label=hostile, n_layers=2, seed=0, val_ppl=30.0, out_var=[[1.0, 2.0]])
     make_run(study, "b", label="b", n_layers=3, seed=0, val_ppl=30.0, out_var=[[1.0, 2.0, 3.0]], state="failed")
     (study / "runs" / "b" / "failed.json").write_text(json.dumps({"error": hostile}))
-    html_path, _ = write_report(study)
-    page = html_path.read_text()
-    assert hostile not in page and "alert(1)</script>" not in page
-    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    html_path, md_path = write_report(study)
+    for page in (html_path.read_text(), md_path.read_text()):  # a Markdown renderer passes raw HTML through
+        assert hostile not in page and "alert(1)</script>" not in page
+        assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page

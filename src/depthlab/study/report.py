@@ -23,6 +23,7 @@ import html
 import json
 import math
 import os
+import re
 import statistics
 from pathlib import Path
 from typing import Any
@@ -364,22 +365,30 @@ def _intro(agg: dict) -> list[str]:
     return lines
 
 
+def md_escape(text) -> str:
+    """A user string as literal Markdown text: HTML-escaped as in the HTML page (a renderer passes raw HTML through),
+    Markdown's inline markup characters backslash-escaped, and on one line."""
+    text = html.escape(str(text)).replace("\n", " ").replace("\r", " ")
+    return re.sub(r"([\\`*_\[\]|])", r"\\\1", text)
+
+
 def render_markdown(agg: dict, figure_files: list[tuple[str, str]]) -> str:
-    """The Markdown summary; `figure_files` are (relative path, caption) of the figures written beside it."""
+    """The Markdown summary; `figure_files` are (relative path, caption) of the figures written beside it. Every
+    user-provided string goes through `md_escape`."""
     def md_row(cells):
-        return "| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ") for c in cells) + " |"
+        return "| " + " | ".join(md_escape(c) for c in cells) + " |"
 
     header, body = table(agg)
-    out = [f"# {_title(agg)}", ""]
+    out = [f"# {md_escape(_title(agg))}", ""]
     if (claim_table := _claims_table(agg)) is not None:
         out += ["## Claims", "", md_row(claim_table[0]), md_row(["---"] * len(claim_table[0])),
                 *(md_row(r) for r in claim_table[1]), "", claims.RULE, ""]
-    out += [*[line + "\n" for line in _intro(agg)], "## Results", "", md_row(header),
+    out += [*[md_escape(line) + "\n" for line in _intro(agg)], "## Results", "", md_row(header),
             md_row(["---"] * len(header)), *(md_row(r) for r in body), ""]
     if figure_files:
         out += ["## Figures", ""]
         for path, caption in figure_files:
-            out += [f"![{caption}]({path})", "", f"*{caption}*", ""]
+            out += [f"![{md_escape(caption)}]({path})", "", f"*{md_escape(caption)}*", ""]
     out += ["## Runs", "", md_row(STATUS_HEADER), md_row(["---"] * len(STATUS_HEADER)),
             *(md_row(r) for r in _status_rows(agg)), ""]
     return "\n".join(out)
