@@ -180,6 +180,7 @@ class ModelView:
         self._branches: list[dict[str, Branch | None]] | None = None
         self._unavailable: list[str | None] = [None] * self.n_layers
         self._weights: dict[int, dict[str, torch.Tensor]] = {}
+        self._layouts: dict[int, tuple] = {}
 
     # ---------------------------------------------------------------------------------------------------------- #
     def final(self, h: torch.Tensor) -> torch.Tensor:
@@ -238,12 +239,13 @@ class ModelView:
         """Block `block`'s parameters and persistent buffers: what moves when a block moves."""
         if block not in self._weights:
             self._weights[block] = self.blocks[block].state_dict(keep_vars=True)
+            self._layouts[block] = tuple((k, tuple(v.shape), v.dtype) for k, v in self._weights[block].items())
         return self._weights[block]
 
     def swappable(self, a: int, b: int) -> bool:
         """Whether blocks a and b have the same weight layout (so each can run at the other's position)."""
-        wa, wb = self.weights(a), self.weights(b)
-        return wa.keys() == wb.keys() and all(wa[k].shape == wb[k].shape for k in wa)
+        self.weights(a), self.weights(b)
+        return self._layouts[a] == self._layouts[b]
 
     def run(self, position: int, h: torch.Tensor, args: tuple, kwargs: dict, *, block: int | None = None):
         """Run block `block`'s weights (default: the position's own) at `position`, with everything else — LNS factor,
