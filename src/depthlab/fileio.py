@@ -90,16 +90,20 @@ def os_error_message(e: BaseException, path: str | Path) -> str:
 
 
 def os_error_reason(e: BaseException) -> str:
-    """What a filesystem failure means, in a few words (a full disk also when a library reports it in its text)."""
+    """What a filesystem failure means, in a few words: the OS's text, and "(disk full)" for a full disk also when a
+    library reports it only in its message (SafetensorError, torch's RuntimeError)."""
+    text = getattr(e, "strerror", None) or (str(e).strip().splitlines() or [type(e).__name__])[0]
+    if _errno(e) in (errno.ENOSPC, errno.EDQUOT):
+        return f"{e.strerror or 'No space left on device'} (disk full)" if isinstance(e, OSError) else \
+            f"No space left on device (disk full): {text}"
+    return text
+
+
+def _errno(e: BaseException) -> int | None:
     code = getattr(e, "errno", None)
     if code is None and ("No space left" in str(e) or "StorageFull" in str(e)):
-        code = errno.ENOSPC
-    reason = {errno.ENOSPC: "no space left on device (disk full)", errno.EROFS: "read-only file system",
-              errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
-              errno.ENAMETOOLONG: "file name too long", errno.ENOTDIR: "a path component is not a folder",
-              errno.EEXIST: "already exists", errno.EISDIR: "is a folder", errno.EDQUOT: "disk quota exceeded",
-              errno.ELOOP: "too many symbolic links"}.get(code)
-    return reason or getattr(e, "strerror", None) or (str(e).strip().splitlines() or [type(e).__name__])[0]
+        return errno.ENOSPC
+    return code
 
 
 def check_out(path: str | Path, flag: str = "--out", *, folder: bool = True) -> Path:
@@ -201,7 +205,7 @@ def write_folder(out: str | Path, write: Callable[[Path], None], *, overwrite: b
         fsync_dir(out.parent)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError) or os_error_reason(e).endswith("(disk full)"):
+        if isinstance(e, OSError) or is_disk_full(e):
             raise FileSystemError(os_error_message(e, out) + f"; {out} is unchanged") from None
         raise
     return out
@@ -255,7 +259,7 @@ def _exchange(a: Path, b: Path) -> None:
 
 def is_disk_full(e: BaseException) -> bool:
     """A full disk, however the library that hit it reports it (OSError, SafetensorError, torch's RuntimeError)."""
-    return os_error_reason(e).startswith(("no space left", "disk quota"))
+    return _errno(e) in (errno.ENOSPC, errno.EDQUOT)
 
 
 def describe_os_error(e: OSError) -> str:
