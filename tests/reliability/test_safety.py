@@ -187,3 +187,13 @@ def test_jsonl_logs_have_no_nan_literals(tmp_path):
 
     line = json.loads((tmp_path / "m.jsonl").read_text(), parse_constant=refuse)
     assert line == {"step": 1, "loss": None, "val_loss": None, "lr": 0.1}
+
+
+def test_prepare_removes_temporary_files_of_a_killed_prepare(tiny_dataset, tmp_path):
+    from depthlab.data import prepare_data
+
+    out = tmp_path / "prepared"
+    out.mkdir()
+    (out / ".tokenizer.json.999999.tmp").write_text("left by a SIGKILLed prepare")
+    prepare_data(Path(tiny_dataset).parent / "corpus", out, vocab_size=300, val_fraction=0.2)
+    assert not list(out.glob("*.tmp")) and (out / "meta.json").exists()

@@ -103,6 +103,8 @@ def prepare_data(source: str | Path = "shakespeare", out: str | Path | None = No
 
 def _write(out: Path, units: _Units, tokenizer: str, tok, vocab_size: int, settings: dict, fingerprint: str):
     """Train or take the tokenizer, encode the shards and commit every file into ``out``, meta.json last."""
+    for stale in out.glob(".*.tmp"):  # left by a killed prepare: under the folder lock no other prepare is writing
+        stale.unlink(missing_ok=True)
     staged = {name: out / f".{name}.{os.getpid()}.tmp" for name in FILES}
     try:
         if tok is None:
