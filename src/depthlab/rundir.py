@@ -105,10 +105,6 @@ class RunDir:
         latest = self.latest()
         return ckpt.checkpoint_step(latest) if latest else 0
 
-    def finished(self, max_steps: int) -> bool:
-        """Its newest checkpoint has reached `max_steps`."""
-        return self.latest_step() >= max_steps
-
     def lock(self, command: str) -> contextlib.AbstractContextManager[Path]:
         """Hold the run's lock while writing it: `folder_lock` on the run folder."""
         return folder_lock(self.path, command)
