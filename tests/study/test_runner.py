@@ -137,7 +137,7 @@ def test_cli_bad_input_and_listing(tmp_path, capsys):
     assert main(["study", "run", "depth", "--model.d_modl=8", "--out", str(tmp_path / "d")]) == 2
     assert "unknown config key 'model.d_modl' (did you mean 'model.d_model'?)" in capsys.readouterr().err
     assert main(["study", "run", "depth", "--model.d_model=66", "--out", str(tmp_path / "d")]) == 2
-    assert "run 'L2' of study 'depth': model.d_model (66) must be divisible by model.n_heads (4)" in (
+    assert "run 'L2__s0' of study 'depth': model.d_model (66) must be divisible by model.n_heads (4)" in (
         capsys.readouterr().err)
     assert not (tmp_path / "d").exists()
 
