@@ -41,8 +41,9 @@ def register(sub, help_: str) -> None:
 def run(args) -> int:
     from depthlab.errors import StudyError
     from depthlab.fileio import atomic_write_text
+    from depthlab.rundir import RunDir
 
-    runs = len(args.models) == 2 and all((Path(m) / "config.yaml").is_file() for m in args.models)
+    runs = len(args.models) == 2 and all(RunDir(m).config_path.is_file() for m in args.models)
     if runs and args.metrics is None:
         from depthlab.study.compare import compare_runs, format_comparison
 

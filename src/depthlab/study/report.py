@@ -32,6 +32,7 @@ import yaml
 
 from depthlab.errors import StudyError
 from depthlab.fileio import atomic_write_text
+from depthlab.rundir import RunDir
 from depthlab.study import claims, figures
 from depthlab.study.paper import KNOB_LABELS, REFERENCES, paper_numbers
 from depthlab.study.runner import list_runs, read_json, run_state
@@ -63,8 +64,8 @@ def read_run(run_dir: str | Path) -> dict[str, Any]:
     """Everything the report needs from one run folder (missing files give missing values, never errors)."""
     run_dir = Path(run_dir)
     info = read_json(run_dir / "run.json") or {}
-    metrics = _read_jsonl(run_dir / "metrics.jsonl")
-    stats = _read_jsonl(run_dir / "layer_stats.jsonl")
+    metrics = _read_jsonl(RunDir(run_dir).metrics_path)
+    stats = _read_jsonl(RunDir(run_dir).layer_stats_path)
     evaluation = read_json(run_dir / "eval" / "results.json") or {}
     analysis_results = read_json(run_dir / "analysis" / "results.json") or {}
     analysis = analysis_results.get("metrics", {})

@@ -11,9 +11,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 
+from depthlab.rundir import RunDir
+
 
 def read_layer_stats(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / "layer_stats.jsonl"
+    path = RunDir(run_dir).layer_stats_path
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
