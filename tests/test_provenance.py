@@ -60,15 +60,17 @@ def test_model_origin_and_block():
 
 def test_every_results_file_carries_the_block(tiny_dataset, tmp_path, capsys):
     import json
+    import random
 
     from depthlab.cli import main
     from depthlab.train.trainer import train
-    from tests.conftest import tiny_config
+    from tests.conftest import WORDS, tiny_config
 
     run = tmp_path / "run"
     train(tiny_config(tiny_dataset, "--trainer.max_steps=2"), run)
     text = tmp_path / "text.txt"
-    text.write_text(" ".join(["the king of all the land o my lord"] * 200))
+    rng = random.Random(0)  # varied text: the fit and evaluation windows must not repeat each other
+    text.write_text(" ".join(rng.choices(WORDS, k=3000)))
     common = ["--num-samples", "4", "--seq-len", "16", "--data", str(text), "-q"]
     assert main(["analyze", str(run), "--metrics", "variance", "--out", str(tmp_path / "a"), *common]) == 0
     assert main(["doctor", str(run), "--json", str(tmp_path / "doctor.json"), *common]) == 0
