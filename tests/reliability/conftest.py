@@ -86,6 +86,13 @@ def _corrupt_models(root: Path) -> None:
                                 ("torncfg", "config.yaml", "model: [1\n")):
         shutil.copytree(root / "run", root / name)
         (root / name / damaged).write_text(text)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (root / "empty.txt").write_text("")
+    (root / "empty.jsonl").write_text("")
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), root / "empty.parquet")
+    pq.write_table(pa.table({"text": [1, 2, 3]}), root / "inttext.parquet")
     (root / "listresults").mkdir()
     (root / "listresults" / "results.json").write_text("[1, 2]\n")
 

@@ -54,6 +54,8 @@ def calibration_samples(tokenizer, text: str | Path | None = None, num_samples: 
         raise DataError(f"fit_samples must be >= 0 and fit_seq_len positive, got {fit_samples} and {fit_seq_len}")
     documents, source = _calibration_documents(text)
     texts = [doc.text for doc in documents]
+    if not texts:
+        raise DataError(f"calibration text ({source}) is empty: it holds no document with text")
     encoded = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
     separator = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
     ids = np.fromiter((t for seq in encoded for t in (*seq, *separator)), dtype=np.int64)

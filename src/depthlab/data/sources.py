@@ -182,6 +182,7 @@ def _read_jsonl(file: Path, name: str, text_field: str) -> Iterator[Document]:
 
 def _read_parquet(file: Path, name: str, text_field: str) -> Iterator[Document]:
     try:
+        import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError as e:
         raise DataError("reading .parquet files needs pyarrow: pip install 'depthlab[parquet]'") from e
@@ -193,6 +194,9 @@ def _read_parquet(file: Path, name: str, text_field: str) -> Iterator[Document]:
     if text_field not in columns:
         raise DataError(f"{file}: no '{text_field}' column (columns: {', '.join(columns)}; choose with "
                         "--text-field)")
+    kind = table.schema_arrow.field(text_field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)):
+        raise DataError(f"{file}: column '{text_field}' holds {kind}, not text (choose with --text-field)")
     row = 0
     for batch in table.iter_batches(columns=[text_field], batch_size=1024):
         for text in batch.column(0).to_pylist():
