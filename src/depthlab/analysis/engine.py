@@ -17,6 +17,14 @@ Everything structural (block list, final norm, LM head, branches, positions) com
 `depthlab.model.view.ModelView`, ``Engine.stack``; a one-time check that our own ``final(h_L)`` reproduces the
 model's logits guards against families with extra output logic.
 Baselines are kept in memory while they fit ``cache_budget_mb`` and recomputed otherwise, so memory stays bounded.
+
+**Placed models.** A model spread over devices or offloaded by accelerate (`depthlab.model.dispatch`) runs each block
+where it lives: the block's hook moves its input there (and loads offloaded weights for the call). The engine keeps
+every state — h_l, branch outputs, block outputs — on one *state device* (where the embedding computes), so metrics
+combine states of different blocks without caring where the blocks are, and it stores each block's call arguments
+(RoPE tables, masks) on that block's device once, so they are not copied on every resumed call. The head runs where
+it lives (`ModelView.final` returns its logits on the state device). The numbers are those of the model on one
+device: the same weights run in the same order, only on other devices.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import torch
 from torch import nn
 
 from depthlab.errors import AnalysisError
+from depthlab.model.dispatch import execution_device, is_dispatched
 from depthlab.model.view import ModelView
 
 HEAD_CHUNK_TOKENS = 2048
@@ -82,8 +91,10 @@ class Engine:
             raise AnalysisError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
         self.micro_batch_size = micro_batch_size
         self.cache_budget = int(cache_budget_mb * 2**20)
-        self.device = next(model.parameters()).device
+        self.device = execution_device(model if self.stack.embedding is None else self.stack.embedding)
+        """The state device: where the token ids, the cached states and every block output live."""
         self.dtype = next(model.parameters()).dtype
+        self._block_devices = [execution_device(b) for b in self.stack.blocks] if is_dispatched(model) else None
         self._cache: dict[int, Baseline] = {}
         self._verified = False
 
@@ -127,12 +138,12 @@ class Engine:
             def hook(module, args, kwargs):
                 kwargs = dict(kwargs)
                 h = args[0] if args else kwargs.pop("hidden_states")
-                hs[layer] = h.detach()
-                calls[layer] = (tuple(args[1:]), kwargs)
+                hs[layer] = h.detach().to(self.device)
+                calls[layer] = self._placed((tuple(args[1:]), kwargs), layer)
             return hook
 
         def post_hook(module, args, kwargs, out):
-            hs[L] = _first_tensor(out).detach()
+            hs[L] = _first_tensor(out).detach().to(self.device)
             if not verify:
                 raise _Stop
 
@@ -140,7 +151,8 @@ class Engine:
             def hook(module, args, out):
                 # A copy: some families add into a branch output in place (Falcon's parallel mlp_output += attn).
                 y = _first_tensor(out).detach()
-                outs[name][layer] = y.clone() if scale == 1.0 else y * scale
+                y = y.clone() if scale == 1.0 else y * scale
+                outs[name][layer] = y.to(self.device)
             return hook
 
         handles = [b.register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i, b in enumerate(stack.blocks)]
@@ -163,6 +175,14 @@ class Engine:
             self._verify_final(hs[L], out)
         return Baseline(index, ids, hs, calls, self.token_nll(hs[L], ids), outs)
 
+    def _placed(self, call: tuple[tuple, dict], layer: int) -> tuple[tuple, dict]:
+        """A block's call arguments on that block's device (unchanged for a model on one device)."""
+        if self._block_devices is None:
+            return call
+        from accelerate.utils import send_to_device
+
+        return send_to_device(call, self._block_devices[layer])
+
     def _verify_final(self, h_last: torch.Tensor, out) -> None:
         logits = getattr(out, "logits", out)
         ours = self.stack.final(h_last).float()
@@ -182,14 +202,14 @@ class Engine:
         (call arguments, LNS factor, norm placement, layer index: see `ModelView.run`)."""
         args, kwargs = base.calls[position]
         if drop is None:
-            return _first_tensor(self.stack.run(position, h, args, kwargs, block=block))
+            return _first_tensor(self.stack.run(position, h, args, kwargs, block=block)).to(self.device)
         branch = self.stack.branch(position, drop)
         if branch is None:
             raise AnalysisError(f"cannot drop the {drop} branch of block {position}: "
                                 f"{self.stack.branch_unavailable(position)}")
         handle = branch.module.register_forward_hook(lambda m, a, out: _zeros_like_output(out))
         try:
-            return _first_tensor(self.stack.run(position, h, args, kwargs, block=block))
+            return _first_tensor(self.stack.run(position, h, args, kwargs, block=block)).to(self.device)
         finally:
             handle.remove()
 

@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from depthlab.errors import AnalysisError
+from depthlab.model.dispatch import execution_device, is_dispatched, named_tensors, offload_paused
 from depthlab.model.transformer import Transformer
 
 BLOCK_PATHS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers", "transformer.blocks",
@@ -190,7 +191,7 @@ class ModelView:
             logits = logits * self._logit_scale
         if self._softcap:
             logits = torch.tanh(logits / self._softcap) * self._softcap
-        return logits
+        return logits.to(h.device)  # a no-op unless accelerate placed the head on another device
 
     def position(self, layer: int) -> Position:
         block = self.blocks[layer]
@@ -256,7 +257,14 @@ class ModelView:
         if not self.swappable(position, block):
             raise AnalysisError(f"blocks {block} and {position} have different weight layouts; block {block} "
                                 f"cannot run at position {position}")
-        return torch.func.functional_call(module, self.weights(block), (h, *args), kwargs, tie_weights=False)
+        if not (is_dispatched(module) or is_dispatched(self.blocks[block])):
+            return torch.func.functional_call(module, self.weights(block), (h, *args), kwargs, tie_weights=False)
+        # Placed by accelerate: block's weights (read from its offload map if offloaded) go to the position's
+        # device, and the position's hooks move the inputs without loading the position's own weights over them.
+        device = execution_device(module)
+        weights = {k: v.to(device) for k, v in named_tensors(self.blocks[block])}
+        with offload_paused(module):
+            return torch.func.functional_call(module, weights, (h, *args), kwargs, tie_weights=False)
 
     # ---------------------------------------------------------------------------------------------------------- #
     def _locate_branches(self) -> list[dict[str, Branch | None]]:
@@ -323,7 +331,7 @@ class ModelView:
             handles.append(block.register_forward_pre_hook(block_pre(l), with_kwargs=True))
             handles.append(block.register_forward_hook(block_post(l), with_kwargs=True))
             handles += [c.register_forward_hook(child_hook(l), with_kwargs=True) for c in block.children()]
-        device = next(self.model.parameters()).device
+        device = execution_device(self.embedding) if self.embedding is not None else execution_device(self.model)
         T = min(PROBE_TOKENS, self.context or PROBE_TOKENS)
         ids = (torch.arange(T, device=device) * 7 + 3).remainder(self.vocab_size)[None]
         was_training = self.model.training
