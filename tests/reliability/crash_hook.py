@@ -93,14 +93,14 @@ def install(point: str, at: int) -> None:
 
         os.replace = replace
     elif point == "prune":
-        real_fsync_dir = ckpt._fsync_dir
+        real_fsync_dir = ckpt.fsync_dir
 
         def fsync_dir(path):
             real_fsync_dir(path)
             if (Path(path) / f"step_{at:06d}").is_dir():
                 die()
 
-        ckpt._fsync_dir = fsync_dir
+        ckpt.fsync_dir = fsync_dir
     elif point == "metric":
         from depthlab.analysis import runner
 
