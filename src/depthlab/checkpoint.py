@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from depthlab.errors import CheckpointError
-from depthlab.fileio import dumps_json, fsync_dir, os_error_reason, unique_sibling
+from depthlab.fileio import dumps_json, fsync_dir, fsync_file, os_error_reason, unique_sibling
 
 FORMAT = "depthlab-checkpoint-v1"
 MODEL_FILE, STATE_FILE, META_FILE = "model.safetensors", "trainer_state.pt", "meta.json"
@@ -79,8 +79,7 @@ def save_checkpoint(ckpt_dir: Path, step: int, weights: dict[str, torch.Tensor],
         meta = {"format": FORMAT, "step": step, "sha256": files}
         (tmp / META_FILE).write_text(dumps_json(meta, indent=2))
         for name in (MODEL_FILE, STATE_FILE, META_FILE):
-            with open(tmp / name, "rb") as f:
-                os.fsync(f.fileno())
+            fsync_file(tmp / name)
         if final.exists():  # re-saving the same step (e.g. after resume): replace it as a whole
             _delete(final)
         os.replace(tmp, final)

@@ -224,14 +224,18 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def fsync_file(path: Path) -> None:
+    """fsync `path` and give it the mode a plain open() gives under the umask (safetensors writes its file through a
+    private 0600 temporary file)."""
+    os.chmod(path, 0o666 & ~_UMASK)
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
 def _fsync_tree(root: Path) -> None:
-    """fsync every file under `root`, each with the mode a plain open() gives under the umask (safetensors writes
-    model.safetensors through a private 0600 temporary file)."""
     for path in root.rglob("*"):
         if path.is_file():
-            os.chmod(path, 0o666 & ~_UMASK)
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
+            fsync_file(path)
 
 
 _RENAME_EXCHANGE = 2

@@ -1,4 +1,5 @@
-"""An exported folder stops generating at eos, has a sane model_max_length, a model card, and honours the umask."""
+"""An exported folder stops generating at eos, has a sane model_max_length, a model card; exports and checkpoints
+honour the umask."""
 
 from __future__ import annotations
 
@@ -16,11 +17,11 @@ from tests.conftest import tiny_config
 
 def test_export_carries_special_tokens_context_and_card(tiny_dataset, tmp_path):
     run = tmp_path / "run"
-    train(tiny_config(tiny_dataset, "--trainer.max_steps=2"), run)
-    (run / "analysis").mkdir()
-    (run / "analysis" / "results.json").write_text(json.dumps({"summary": {"n_layers": 2, "effective_depth": 1}}))
     old = os.umask(0o022)
     try:
+        train(tiny_config(tiny_dataset, "--trainer.max_steps=2"), run)
+        (run / "analysis").mkdir()
+        (run / "analysis" / "results.json").write_text(json.dumps({"summary": {"n_layers": 2, "effective_depth": 1}}))
         out = export_hf(run, tmp_path / "hf")
     finally:
         os.umask(old)
@@ -34,5 +35,5 @@ def test_export_carries_special_tokens_context_and_card(tiny_dataset, tmp_path):
     assert front["library_name"] == "transformers" and "depthlab" in front["tags"]
     assert str(run) in card and "effective_depth" in card and "## Training config" in card
     assert f"`{tiny_dataset}`" in card and '"depthlab"' in card  # data and provenance versions
-    for path in out.iterdir():  # 0644 under umask 022, not 0600
+    for path in [*out.iterdir(), *run.rglob("*.safetensors")]:  # 0644 under umask 022, not 0600
         assert stat.S_IMODE(path.stat().st_mode) & 0o044 == 0o044, path
