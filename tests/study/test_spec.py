@@ -116,11 +116,14 @@ def test_dynamics_checkpoints_must_be_kept_by_the_trainer():
                 config={**BASE, "trainer": {**BASE["trainer"], "save_interval": 1, "keep_last": 5}})
     assert fine.measure.dynamics == [0.25, 0.5] and fine.measure.dynamics_analysis == ["usefulness"]
     assert dynamics_steps(fine.measure.dynamics, 8) == [2, 4] and dynamics_steps([0.01, 0.99], 4) == [1, 3]
-    # BASE trains 5 steps: 0.2 → step 1; save_interval 1, keep_last 2 keeps steps 4 and 5 only
-    with pytest.raises(StudyError, match=r"checkpoints of steps \[1\].*trainer.keep_last \(now 2\)"):
+    # BASE trains 5 steps: 0.2 → step 1; save_interval 1, keep_last 2 keeps steps 4 and 5 only …
+    with pytest.raises(StudyError, match=r"checkpoints of steps \[1\].*would not keep \[1\].*keep_every \(now 0\)"):
         spec(grid={"model.n_layers": [2]}, measure={"dynamics": [0.2]}, config={**BASE, "trainer": {
             **BASE["trainer"], "save_interval": 1}})
-    with pytest.raises(StudyError, match=r"make trainer.save_interval \(now 2\) divide each"):
+    # … unless keep_every keeps it
+    assert spec(grid={"model.n_layers": [2]}, measure={"dynamics": [0.2, 0.4]}, config={**BASE, "trainer": {
+        **BASE["trainer"], "save_interval": 1, "keep_every": 1}}).measure.dynamics == [0.2, 0.4]
+    with pytest.raises(StudyError, match=r"make trainer.save_interval \(now 2\) and trainer.keep_every"):
         spec(grid={"model.n_layers": [2]}, measure={"dynamics": [0.2]}, config={**BASE, "trainer": {
             **BASE["trainer"], "save_interval": 2, "keep_last": 9}})
     for bad in ([1.0], [0], "half", [True]):

@@ -250,7 +250,7 @@ def _measure(run_dir: Path, info: dict, log) -> list[str]:
         for step in steps:
             checkpoint = RunDir(run_dir).checkpoints_dir / checkpoint_name(step)
             if not checkpoint.is_dir():
-                raise StudyError(f"checkpoint {checkpoint} is gone (trainer.keep_last too small?): cannot measure "
+                raise StudyError(f"checkpoint {checkpoint} is gone (trainer.keep_every changed?): cannot measure "
                                  f"step {step} of the training dynamics")
             run_analysis(str(checkpoint), run_dir / "dynamics" / checkpoint.name, metrics=measure["dynamics_analysis"],
                          **sample)
@@ -334,7 +334,7 @@ def smoke_spec(spec: StudySpec, steps: int = 2, all_runs: bool = False) -> Study
     (most parameters × context) unless `all_runs`."""
     if steps < 1:
         raise StudyError(f"--steps must be >= 1, got {steps}")
-    config = {**spec.config, "trainer.max_steps": steps, "trainer.save_interval": 1, "trainer.keep_last": steps + 1,
+    config = {**spec.config, "trainer.max_steps": steps, "trainer.save_interval": 1, "trainer.keep_every": 1,
               "trainer.eval_interval": steps, "trainer.compile": False}
     options = {**spec.measure.analysis_options, "permutation": {"pairs": "adjacent"},
                "jacobian": {**spec.measure.analysis_options.get("jacobian", {}), "probes": 2}}

@@ -367,25 +367,31 @@ def dynamics_steps(fractions: list[float], max_steps: int) -> list[int]:
     return sorted({min(max_steps - 1, max(1, round(f * max_steps))) for f in fractions} - {0})
 
 
-def check_dynamics(spec: StudySpec, where: str = "spec") -> None:
-    """Every run resolves, and keeps a checkpoint at each of its `dynamics_steps` until training ends.
+def checkpoint_kept(trainer: dict[str, Any], step: int) -> bool:
+    """Whether the trainer (a resolved ``trainer`` section) still has the checkpoint of `step` when training ends.
 
-    The trainer saves every `save_interval` steps and keeps the newest `keep_last`: a step is kept when it is a
-    multiple of save_interval and at most keep_last checkpoints (the final one included) follow it.
+    It saves every `save_interval` steps (and at the end) and keeps the newest `keep_last` plus every multiple of
+    `keep_every`: a step is kept when it is saved and either a multiple of keep_every or among the last keep_last.
     """
+    interval, every = trainer["save_interval"], trainer.get("keep_every", 0)
+    if not interval or step % interval:
+        return False
+    later = len(range(step, trainer["max_steps"], interval))  # saved checkpoints from `step` on, the final excluded
+    return bool(every and step % every == 0) or later + 1 <= trainer["keep_last"]
+
+
+def check_dynamics(spec: StudySpec, where: str = "spec") -> None:
+    """Every run resolves, and keeps a checkpoint at each of its `dynamics_steps` until training ends."""
     for run in spec.resolve():
         t = run.config["trainer"]
         wanted = dynamics_steps(spec.measure.dynamics, t["max_steps"])
-        if not wanted:
-            continue
-        interval = t["save_interval"]
-        saved = bool(interval) and all(s % interval == 0 for s in wanted)
-        if not saved or len(range(wanted[0], t["max_steps"], interval)) + 1 > t["keep_last"]:
+        lost = [step for step in wanted if not checkpoint_kept(t, step)]
+        if lost:
             raise StudyError(
                 f"{where}: run '{run.name}' analyses the checkpoints of steps {wanted} (measure.dynamics "
-                f"{spec.measure.dynamics} of {t['max_steps']} steps), which the trainer would not keep: make "
-                f"trainer.save_interval (now {interval}) divide each, and trainer.keep_last (now {t['keep_last']}) "
-                f"at least the number of checkpoints from step {wanted[0]} to the end")
+                f"{spec.measure.dynamics} of {t['max_steps']} steps), but the trainer would not keep {lost}: make "
+                f"trainer.save_interval (now {t['save_interval']}) and trainer.keep_every (now "
+                f"{t.get('keep_every', 0)}) divide each")
 
 
 def spec_difference(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
