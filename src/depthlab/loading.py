@@ -110,12 +110,17 @@ def _place(model, tokenizer, placement):
 
     device_map, offload_folder, max_memory = placement
     blocks = ModelView(model).blocks
-    check_budget(max_memory, sum(t.numel() * t.element_size() for t in blocks[0].state_dict().values()))
+    check_budget(max_memory, _block_bytes(blocks[0]))
     if not is_dispatched(model) and not hasattr(model, "hf_device_map"):
         source = getattr(model, "source_path", None)
         model = dispatch(model, device_map, offload_folder, max_memory, [type(blocks[0]).__name__])
         model.source_path = source
     return model.eval(), tokenizer
+
+
+def _block_bytes(block, dtype=None) -> int:
+    return sum(t.numel() * (t.element_size() if dtype is None else dtype.itemsize)
+               for t in block.state_dict(keep_vars=True).values())
 
 
 def _load_hf(ref: str, device, dtype, trust_remote_code: bool, *, local: bool, placement=None, **extra):
@@ -137,6 +142,15 @@ def _load_hf(ref: str, device, dtype, trust_remote_code: bool, *, local: bool, p
         raise ModelLoadError(f"cannot load {where}: the file is corrupt or truncated ({type(e).__name__}: "
                              f"{_first_line(e)})") from None
     _check_causal(config, where)
+    if placement is not None and placement[2] is not None:  # max_memory vs one block, before loading any weight
+        from accelerate import init_empty_weights
+
+        from depthlab.model.dispatch import check_budget
+        from depthlab.model.view import ModelView
+
+        with init_empty_weights():
+            empty = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        check_budget(placement[2], _block_bytes(ModelView(empty).blocks[0], dtype))
     if placement is not None:
         extra = {**extra, "device_map": placement[0], "offload_folder": placement[1], "max_memory": placement[2]}
     try:

@@ -122,6 +122,20 @@ def model_origin(model) -> dict:
     return out
 
 
+def peak_memory() -> dict:
+    """The process's peak resident memory so far (``ru_maxrss``, loading included) and, where CUDA was used, the peak
+    of tensor memory allocated on each GPU, in bytes: what a run needed, recorded with its results."""
+    import resource
+
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is in bytes on macOS, KiB on Linux
+    out: dict = {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale}
+    torch = sys.modules.get("torch")  # never imported just for this
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda_peak_bytes"] = {f"cuda:{i}": torch.cuda.max_memory_allocated(i)
+                                  for i in range(torch.cuda.device_count())}
+    return out
+
+
 def provenance(model=None, *, device=None, dtype=None, argv: list[str] | None = None) -> dict:
     """The provenance block: date, command, device, dtype, versions and (given a model) the model's origin."""
     if model is not None and device is None:

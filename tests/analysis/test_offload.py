@@ -18,13 +18,15 @@ SPLIT = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1":
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    from tokenizers import Tokenizer, models
+    from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     folder = tmp_path_factory.mktemp("tiny-llama")
     build("llama").save_pretrained(folder, safe_serialization=True)
     vocab = {f"t{i}": i for i in range(V)}
-    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0"))).save_pretrained(folder)
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()  # every word a token (unknown words are t0)
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer).save_pretrained(folder)
     return folder
 
 
@@ -81,3 +83,30 @@ def test_parse_size():
     assert parse_size("2GiB") == 2 * 2**30 and parse_size("500MB") == 500 * 10**6 and parse_size("1e3") == 1000
     with pytest.raises(ModelLoadError, match="cannot read"):
         parse_size("2 parsecs")
+
+
+def test_cli_offloaded_analysis_and_bad_input(saved, tmp_path, capsys):
+    import json
+
+    from depthlab.cli import main
+
+    common = [str(saved), "--metrics", "variance,permutation", "--num-samples", "2", "--seq-len", "8", "-q",
+              "--device", "cpu", "--dtype", "fp32"]
+    split = json.dumps(SPLIT)
+    for bad, message in ((["--device-map", split.replace('"disk"', '"cuda:5"', 1)], "does not exist"),
+                         (["--device-map", split, "--offload-folder", str(tmp_path / "f" / "x")], "offload folder"),
+                         (["--device-map", "auto", "--max-memory", "cpu=1KiB"], "smaller than one block"),
+                         (["--cache-budget", "lots"], "cannot read")):
+        if bad[-1].endswith("x"):
+            (tmp_path / "f").write_text("")  # a file where the offload folder's parent should be
+        out = tmp_path / "bad"
+        assert main(["analyze", *common, *bad, "--out", str(out)]) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+        assert len(err) == 1 and err[0].startswith("depthlab analyze: error:") and message in err[0], err
+        assert not out.exists()
+    out = tmp_path / "run"
+    assert main(["analyze", *common, "--device-map", split, "--offload-folder", str(tmp_path / "off"),
+                 "--cache-budget", "0", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["provenance"]["memory"]["peak_rss_bytes"] > 2**20
+    assert results["provenance"]["device_map"]["model.layers.2"] == "disk"

@@ -19,19 +19,22 @@ from depthlab.analysis.defaults import NEAR_IDENTITY_ANGLE, default_fit_samples
 from depthlab.analysis.results import to_jsonable
 from depthlab.errors import AnalysisError
 from depthlab.fileio import atomic_write_text
-from depthlab.provenance import provenance, versions
+from depthlab.provenance import peak_memory, provenance, versions
 
 
 def run_analysis(model: str, out_dir: str | Path, *, metrics=None, data: str | None = None, num_samples: int = 8,
                  seq_len: int = 128, fit_samples: int | None = None, fit_seq_len: int | None = None, seed: int = 0,
                  dtype: str | None = None, micro_batch_size: int = 8, options: dict | None = None,
-                 progress: bool = True, device: str = "cpu", log=print) -> dict:
+                 progress: bool = True, device: str = "cpu", device_map=None, max_memory: dict | None = None,
+                 offload_folder: str | None = None, cache_budget: int | str = "2GiB", log=print) -> dict:
     """Analyse `model` (anything `load_model` accepts) on a seeded held-out sample and write `out_dir`.
 
     num_samples x seq_len tokens are evaluated; the usefulness maps are fitted on a disjoint fit sample of
     fit_samples x fit_seq_len tokens (defaults: seq_len, and enough sequences for FIT_TOKENS_PER_COEF·(d+1) tokens
     per map, capped at MAX_FIT_TOKENS). data None means the held-out text of the model's own training run when it
-    is a depthlab run, else the held-out Shakespeare plays. Returns the results dict written to results.json.
+    is a depthlab run, else the held-out Shakespeare plays. device_map / max_memory / offload_folder place the model
+    with accelerate (see `load_model`); cache_budget (bytes, or "2GiB") bounds the cached baseline states, beyond
+    which they are recomputed. Returns the results dict written to results.json (with the run's peak memory).
     """
     from depthlab.analysis.engine import validate_ids
     from depthlab.analysis.suite import analyze, resolve_metrics, resolve_options
@@ -45,8 +48,12 @@ def run_analysis(model: str, out_dir: str | Path, *, metrics=None, data: str | N
         raise AnalysisError(f"--fit-samples must be >= 1, got {fit_samples}")
     if fit_seq_len is not None and fit_seq_len < 2:
         raise AnalysisError(f"--fit-seq-len must be >= 2, got {fit_seq_len}")
+    from depthlab.model.dispatch import parse_size
+
+    cache_bytes = parse_size(cache_budget, "cache budget")
     dtype = dtype or ("bf16" if str(device).startswith("cuda") else "fp32")
-    net, tokenizer = load_model(model, device=device, dtype=dtype)
+    net, tokenizer = load_model(model, device=device, dtype=dtype, device_map=device_map, max_memory=max_memory,
+                                offload_folder=offload_folder)
     view = ModelView(net)
     heldout, disjoint = (data, None) if data is not None else run_heldout(net)
     fit_seq_len = fit_seq_len or seq_len
@@ -71,7 +78,9 @@ def run_analysis(model: str, out_dir: str | Path, *, metrics=None, data: str | N
     results = _resume(out, identity)  # before creating anything: it refuses a folder that is not an analysis's
     (out / "metrics").mkdir(parents=True, exist_ok=True)
     results.update(identity)
-    results["provenance"] = provenance(net, device=device, dtype=dtype)
+    results["provenance"] = provenance(net, device=device if device_map is None else "device_map", dtype=dtype)
+    if device_map is not None:
+        results["provenance"]["device_map"] = getattr(net, "hf_device_map", device_map)
     results.setdefault("metrics", {})
     results["errors"] = {}
     done = [name for name in names if name in results["metrics"]]
@@ -84,6 +93,7 @@ def run_analysis(model: str, out_dir: str | Path, *, metrics=None, data: str | N
         value["seconds"] = round(time.perf_counter() - clock[0], 2)
         atomic_write_text(out / "metrics" / f"{name}.json", json.dumps(value))
         results["metrics"][name] = value
+        results["provenance"]["memory"] = peak_memory()
         atomic_write_text(out / "results.json", json.dumps(results, indent=1))
         log(f"{name}: done in {value['seconds']:.1f}s")
         if value.get("reliable") is False:
@@ -99,7 +109,9 @@ def run_analysis(model: str, out_dir: str | Path, *, metrics=None, data: str | N
         cached = {"translators": str(out / "tuned_lens.safetensors")}
         opts = {**opts, "tuned_lens": {**cached, **opts.get("tuned_lens", {})}}
     analyze(net, ids, metrics, fit_ids=fit_ids, options=opts, micro_batch_size=micro_batch_size,
-            progress=progress, skip=done, on_result=on_result, on_error=on_error)
+            cache_budget_mb=cache_bytes / 2**20, progress=progress, skip=done, on_result=on_result,
+            on_error=on_error)
+    results["provenance"]["memory"] = peak_memory()
     results["summary"] = summarize(results["metrics"], view.n_layers)
     atomic_write_text(out / "results.json", json.dumps(to_jsonable(results), indent=1))
     _write_tables(out, results["metrics"])

@@ -34,6 +34,9 @@ def register(sub, help_: str) -> None:
     common.add_seed(p)
     common.add_dtype(p)
     common.add_device(p)
+    common.add_placement(p)
+    p.add_argument("--cache-budget", default="2GiB", metavar="SIZE",
+                   help="memory for cached baseline states (e.g. 512MiB); beyond it they are recomputed (default 2GiB)")
     p.add_argument("--micro-batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
     p.add_argument("--option", action="append", default=[], metavar="METRIC.KEY=VALUE",
                    help="a metric option, value parsed as JSON when possible (repeatable)")
@@ -73,10 +76,14 @@ def run(args) -> int:
 
 def _analyze(args) -> int:
     from depthlab.analysis.runner import format_summary, run_analysis
+    from depthlab.model.dispatch import parse_device_map, parse_max_memory
 
+    placement = {"device_map": args.device_map and parse_device_map(args.device_map),
+                 "max_memory": args.max_memory and parse_max_memory(args.max_memory),
+                 "offload_folder": args.offload_folder, "cache_budget": args.cache_budget}
     results = run_analysis(args.model, args.out, metrics=args.metrics, data=args.data, num_samples=args.num_samples,
                            seq_len=args.seq_len, fit_samples=args.fit_samples, fit_seq_len=args.fit_seq_len,
-                           seed=args.seed, dtype=args.dtype, device=args.device,
+                           seed=args.seed, dtype=args.dtype, device=args.device, **placement,
                            micro_batch_size=args.micro_batch_size, options=parse_options(args.option),
                            progress=not args.quiet, log=common.progress_log(args))
     if common.emit_json(args, results):

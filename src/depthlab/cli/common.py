@@ -26,6 +26,17 @@ def add_device(p: argparse.ArgumentParser, *, default: str | None = "auto") -> N
     p.add_argument("--device", default=default, metavar="auto|cpu|cuda[:i]", help=f"torch device ({hint})")
 
 
+def add_placement(p: argparse.ArgumentParser) -> None:
+    """Placing a model larger than one device with accelerate (see depthlab.model.dispatch and docs/scale.md)."""
+    p.add_argument("--device-map", default=None, metavar="auto|JSON",
+                   help="spread the model over GPUs / CPU / disk with accelerate: auto, balanced, sequential, or a "
+                   "JSON object {module: device} with devices cpu, disk or a GPU index (replaces --device)")
+    p.add_argument("--max-memory", default=None, metavar="DEV=SIZE,...",
+                   help="with --device-map: the most each device may hold, e.g. 0=20GiB,cpu=64GiB")
+    p.add_argument("--offload-folder", default=None, metavar="DIR",
+                   help="with --device-map: where modules placed on disk are memory-mapped from")
+
+
 def add_dtype(p: argparse.ArgumentParser, *, default: str | None = "auto",
               choices: tuple[str, ...] = DTYPE_NAMES) -> None:
     hint = ("default: the config's trainer.dtype" if default is None else

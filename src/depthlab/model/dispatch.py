@@ -48,6 +48,36 @@ def parse_size(text: str | float, what: str = "size") -> int:
     return int(value * UNITS[unit])
 
 
+def parse_device_map(text: str):
+    """The CLI's --device-map: "auto" (or balanced, balanced_low_0, sequential) or a JSON object {module: device}."""
+    text = text.strip()
+    if not text.startswith("{"):
+        return text
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"--device-map: not a JSON object ({e.msg}); e.g. auto or "
+                             '\'{"model.layers.0": 0, "model.layers.1": "disk"}\'') from None
+    return value
+
+
+def parse_max_memory(text: str) -> dict:
+    """The CLI's --max-memory "cpu=8GiB,0=20GiB" → {"cpu": bytes, 0: bytes}."""
+    out = {}
+    for item in filter(None, (i.strip() for i in text.split(","))):
+        device, sep, size = item.partition("=")
+        if not sep or not device.strip():
+            raise ModelLoadError(f"--max-memory expects DEVICE=SIZE[,DEVICE=SIZE...] (e.g. cpu=8GiB,0=20GiB), "
+                                 f"got {item!r}")
+        device = device.strip()
+        out[int(device) if device.isdigit() else device] = parse_size(size, f"--max-memory {device}")
+    if not out:
+        raise ModelLoadError("--max-memory is empty")
+    return out
+
+
 def _hooks(module: nn.Module) -> list:
     hook = getattr(module, "_hf_hook", None)
     return [] if hook is None else list(getattr(hook, "hooks", (hook,)))
