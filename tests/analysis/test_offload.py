@@ -110,3 +110,18 @@ def test_cli_offloaded_analysis_and_bad_input(saved, tmp_path, capsys):
     results = json.loads((out / "results.json").read_text())
     assert results["provenance"]["memory"]["peak_rss_bytes"] > 2**20
     assert results["provenance"]["device_map"]["model.layers.2"] == "disk"
+
+
+def test_native_model_dispatched_to_disk(tmp_path):
+    from depthlab.model.dispatch import dispatch
+
+    ids = torch.randint(0, V, (4, 8), generator=torch.Generator().manual_seed(5))
+    device_map = {"rotary": "cpu", "embed": "cpu", "blocks.0": "disk", "blocks.1": "cpu", "blocks.2": "disk",
+                  "norm": "cpu", "lm_head": "cpu"}
+    split = dispatch(build("depthlab"), device_map, str(tmp_path), None, ["Block"])
+    opts = {"permutation": {"pairs": "all"}}
+    a = numbers(analyze(build("depthlab"), ids, ["causal", "permutation"], options=opts))
+    b = numbers(analyze(split, ids, ["causal", "permutation"], options=opts))
+    assert a.keys() == b.keys()
+    for key, x in a.items():
+        assert b[key] == pytest.approx(x, rel=1e-5, abs=1e-6, nan_ok=True), key
