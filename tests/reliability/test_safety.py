@@ -197,3 +197,26 @@ def test_prepare_removes_temporary_files_of_a_killed_prepare(tiny_dataset, tmp_p
     (out / ".tokenizer.json.999999.tmp").write_text("left by a SIGKILLed prepare")
     prepare_data(Path(tiny_dataset).parent / "corpus", out, vocab_size=300, val_fraction=0.2)
     assert not list(out.glob("*.tmp")) and (out / "meta.json").exists()
+
+
+def test_sigterm_during_analysis_keeps_finished_metrics_and_prints_the_same_command(run, tmp_path, capsys,
+                                                                                    monkeypatch):
+    from depthlab.analysis import suite
+
+    real = suite.METRICS["angular"]
+
+    def angular(*args, **kwargs):  # SIGTERM arrives while the second metric runs
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setitem(suite.METRICS, "angular", angular)
+    argv = ["analyze", str(run), "--metrics", "variance,angular", "--seq-len", "16", "--out", str(tmp_path / "a"),
+            "-q"]
+    assert main(argv) == 130
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.endswith("resume with: " + shlex.join(["depthlab", *argv]))
+    saved = json.loads((tmp_path / "a" / "results.json").read_text())["metrics"]
+    assert list(saved) == ["variance"] and not (tmp_path / "a" / RunDir.LOCK).exists()
+    monkeypatch.undo()
+    assert main(argv) == 0
+    assert "variance: already done, skipped" in capsys.readouterr().out
