@@ -30,8 +30,8 @@ def saved(tmp_path_factory):
     return folder
 
 
-def numbers(results) -> dict[str, float]:
-    """Every number in the results, by path (None as NaN)."""
+def numbers(results: dict) -> dict[str, float]:
+    """Every number in {metric: Result or its dict}, by path (None as NaN)."""
     out = {}
 
     def walk(path, value):
@@ -45,7 +45,7 @@ def numbers(results) -> dict[str, float]:
             out[path] = float("nan") if value is None else float(value)
 
     for name, result in results.items():
-        walk(name, result.to_dict())
+        walk(name, result if isinstance(result, dict) else result.to_dict())
     return out
 
 

@@ -25,6 +25,12 @@ combine states of different blocks without caring where the blocks are, and it s
 (RoPE tables, masks) on that block's device once, so they are not copied on every resumed call. The head runs where
 it lives (`ModelView.final` returns its logits on the state device). The numbers are those of the model on one
 device: the same weights run in the same order, only on other devices.
+
+**Data parallel.** With ``data_parallel=True`` under an initialised ``torch.distributed`` process group (torchrun),
+each of the W ranks runs the baselines of its contiguous share of the sequences, and a metric all-reduces its token
+sums (``all_sum``, fp64; ``all_max`` for maxima) before dividing, so every rank ends with the numbers of one
+process over all sequences, up to the order of the fp64 additions. Metrics that do this are listed in
+``DATA_PARALLEL_METRICS``; the others are refused under data parallelism.
 """
 
 from __future__ import annotations
@@ -40,6 +46,8 @@ from depthlab.model.dispatch import execution_device, is_dispatched
 from depthlab.model.view import ModelView
 
 HEAD_CHUNK_TOKENS = 2048
+DATA_PARALLEL_METRICS = ("variance", "causal", "permutation")
+"""Metrics whose token sums are all-reduced over data-parallel ranks (see the module docstring)."""
 
 
 def _first_tensor(out):
@@ -82,7 +90,7 @@ class Engine:
     """Shared baseline + resumable block stack for one model and one token sample (see module docstring)."""
 
     def __init__(self, model: nn.Module, input_ids: torch.Tensor, *, micro_batch_size: int = 8,
-                 cache_budget_mb: float = 2048.0):
+                 cache_budget_mb: float = 2048.0, data_parallel: bool = False):
         self.stack = ModelView(model)
         """The structural view of the model (blocks, head, branches, positions)."""
         self.model = model.eval()
@@ -97,6 +105,13 @@ class Engine:
         self._block_devices = [execution_device(b) for b in self.stack.blocks] if is_dispatched(model) else None
         self._cache: dict[int, Baseline] = {}
         self._verified = False
+        self.rank, self.world = data_parallel_world() if data_parallel else (0, 1)
+        """This process's rank and the number of data-parallel ranks (0, 1 without data parallelism)."""
+        check_data_parallel((), self.input_ids.shape[0], self.world)
+        share = -(-self.input_ids.shape[0] // self.world)
+        self._first = min(self.rank * share, self.input_ids.shape[0])
+        self._rows = min(share, self.input_ids.shape[0] - self._first)
+        """This rank's sequences: rows _first .. _first + _rows - 1 of input_ids."""
 
     @property
     def n_layers(self) -> int:
@@ -104,7 +119,26 @@ class Engine:
 
     @property
     def num_batches(self) -> int:
-        return -(-self.input_ids.shape[0] // self.micro_batch_size)
+        """Micro-batches of this rank's sequences."""
+        return -(-self._rows // self.micro_batch_size)
+
+    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` summed over the data-parallel ranks in fp64 (`t` itself without data parallelism)."""
+        return self._reduce(t, "SUM")
+
+    def all_max(self, t: torch.Tensor) -> torch.Tensor:
+        """Element-wise maximum of `t` over the data-parallel ranks."""
+        return self._reduce(t, "MAX")
+
+    def _reduce(self, t: torch.Tensor, op: str) -> torch.Tensor:
+        if self.world == 1:
+            return t
+        import torch.distributed as dist
+
+        on = self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+        buf = t.detach().to(device=on, dtype=torch.float64).clone()
+        dist.all_reduce(buf, op=getattr(dist.ReduceOp, op))
+        return buf.to(t.device)
 
     def release(self) -> None:
         """Drop cached baselines (the next metric recomputes what it needs)."""
@@ -124,7 +158,8 @@ class Engine:
 
     @torch.no_grad()
     def _run_baseline(self, index: int, branches: bool) -> Baseline:
-        rows = slice(index * self.micro_batch_size, (index + 1) * self.micro_batch_size)
+        start = self._first + index * self.micro_batch_size
+        rows = slice(start, min(start + self.micro_batch_size, self._first + self._rows))
         ids = self.input_ids[rows].to(self.device)
         stack, L = self.stack, self.n_layers
         hs: list = [None] * (L + 1)
@@ -256,6 +291,28 @@ def _zeros_like_output(out):
     if isinstance(out, tuple):
         return (torch.zeros_like(out[0]), *out[1:])
     return torch.zeros_like(out)
+
+
+def data_parallel_world() -> tuple[int, int]:
+    """(rank, world size) of the initialised torch.distributed process group, (0, 1) without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def check_data_parallel(metrics, num_sequences: int, world: int) -> None:
+    """Refuse data parallelism over more ranks than sequences, or for metrics that do not reduce over ranks."""
+    if world == 1:
+        return
+    if num_sequences < world:
+        raise AnalysisError(f"{world} data-parallel ranks need at least {world} sequences, got {num_sequences}: "
+                            "use fewer ranks or more --num-samples")
+    other = [m for m in metrics if m not in DATA_PARALLEL_METRICS]
+    if other:
+        raise AnalysisError(f"{', '.join(other)} cannot run data-parallel yet (only "
+                            f"{', '.join(DATA_PARALLEL_METRICS)} reduce over ranks): run it in one process")
 
 
 def validate_ids(input_ids, stack: ModelView) -> torch.Tensor:

@@ -63,6 +63,7 @@ def causal_effects(model, input_ids, *, micro_batch_size: int = 8, cache_budget_
 
                 eng.resume(base, s + 1, base.hs[s], on_output=record)
                 bar.update()
+    num, den, peak = eng.all_sum(num), eng.all_sum(den), eng.all_max(peak)  # over data-parallel ranks
     upper = torch.ones(L, L, dtype=torch.bool).triu(1)
     ratio = torch.where(den > 0, num / den.clamp_min(1e-300), torch.where(num > 0, torch.inf, 0.0))
     ratio = torch.where(upper, ratio, torch.nan)
@@ -124,6 +125,8 @@ def permutation_scores(model, input_ids, *, pairs="all", micro_batch_size: int =
                 h_last = eng.resume(base, a, base.hs[a], plan={a: b, b: a})
                 swap_sum[i] += eng.token_nll(h_last, base.ids).double().sum()
                 bar.update()
+    base_sum = eng.all_sum(torch.tensor(base_sum, dtype=torch.float64)).item()  # over data-parallel ranks
+    swap_sum = eng.all_sum(swap_sum)
     tokens = eng.input_ids.shape[0] * (eng.input_ids.shape[1] - 1)
     loss0 = base_sum / tokens
     losses = swap_sum / tokens

@@ -71,6 +71,9 @@ def variance_profile(model, input_ids, *, micro_batch_size: int = 8, cache_budge
             for name in ("attn", "ffn"):
                 sums[f"{name}_var"][l] += feature_variance(base.branches[name][l]).sum()
                 sums[f"{name}_norm"][l] += token_norm(base.branches[name][l]).sum()
+    sums = {k: eng.all_sum(v) for k, v in sums.items()}  # over data-parallel ranks (a no-op in one process)
+    embed_var, final_var, tokens = eng.all_sum(torch.tensor([embed_var, final_var, tokens], dtype=torch.float64))
+    embed_var, final_var, tokens = embed_var.item(), final_var.item(), int(tokens.item())
     for k in ("attn_var", "ffn_var", "attn_norm", "ffn_norm"):
         sums[k][list(missing)] = torch.nan
     mean = {k: (v / tokens).tolist() for k, v in sums.items()}

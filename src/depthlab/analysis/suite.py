@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from depthlab.analysis.branches import branch_effects
 from depthlab.analysis.defaults import DEFAULT_METRICS, DEFAULT_OPTIONS
-from depthlab.analysis.engine import Engine
+from depthlab.analysis.engine import Engine, check_data_parallel
 from depthlab.analysis.interventions import causal_effects, permutation_scores
 from depthlab.analysis.jacobians import jacobian
 from depthlab.analysis.lens import logit_lens, tuned_lens
@@ -101,7 +101,8 @@ def _check_option(name: str, value, default) -> None:
 
 
 def analyze(model, input_ids, metrics=None, *, fit_ids=None, options: dict[str, dict] | None = None,
-            micro_batch_size: int = 8, cache_budget_mb: float = 2048.0, progress: bool = False, skip=(),
+            micro_batch_size: int = 8, cache_budget_mb: float = 2048.0, data_parallel: bool = False,
+            progress: bool = False, skip=(),
             on_result: Callable[[str, Result], None] | None = None,
             on_error: Callable[[str, AnalysisError], None] | None = None) -> dict[str, Result]:
     """Run `metrics` on `input_ids` [N, T] and return {name: result}.
@@ -113,13 +114,16 @@ def analyze(model, input_ids, metrics=None, *, fit_ids=None, options: dict[str, 
     skip: names not to run (already done). The baseline is computed once and shared while it fits
     `cache_budget_mb`. `on_result(name, result)` is called as each metric finishes (the CLI saves it there, so an
     interrupted run keeps finished metrics). With `on_error`, a metric raising AnalysisError is reported there and
-    the others still run; without, the error propagates.
+    the others still run; without, the error propagates. data_parallel: split the sequences over the ranks of the
+    initialised torch.distributed process group (see `depthlab.analysis.engine`); every rank returns the results.
     """
     names = resolve_metrics(metrics)
     opts = resolve_options(options)
-    engine = Engine(model, input_ids, micro_batch_size=micro_batch_size, cache_budget_mb=cache_budget_mb)
+    engine = Engine(model, input_ids, micro_batch_size=micro_batch_size, cache_budget_mb=cache_budget_mb,
+                    data_parallel=data_parallel)
     if "moe" in names and metrics in (None, "default", "all") and engine.stack.router(0) is None:
         names.remove("moe")
+    check_data_parallel([n for n in names if n not in skip], engine.input_ids.shape[0], engine.world)
     if fit_ids is not None:
         opts.setdefault("usefulness", {})["fit_ids"] = fit_ids
     results = {}
