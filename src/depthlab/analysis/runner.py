@@ -18,7 +18,7 @@ from pathlib import Path
 from depthlab.analysis.defaults import NEAR_IDENTITY_ANGLE, default_fit_samples
 from depthlab.analysis.results import to_jsonable
 from depthlab.errors import AnalysisError
-from depthlab.fileio import atomic_write_text
+from depthlab.fileio import atomic_write_text, dumps_json
 from depthlab.provenance import peak_memory, provenance, versions
 
 
@@ -91,10 +91,10 @@ def run_analysis(model: str, out_dir: str | Path, *, metrics=None, data: str | N
     def on_result(name, result):
         value = result.to_dict()
         value["seconds"] = round(time.perf_counter() - clock[0], 2)
-        atomic_write_text(out / "metrics" / f"{name}.json", json.dumps(value))
+        atomic_write_text(out / "metrics" / f"{name}.json", dumps_json(value))
         results["metrics"][name] = value
         results["provenance"]["memory"] = peak_memory()
-        atomic_write_text(out / "results.json", json.dumps(results, indent=1))
+        atomic_write_text(out / "results.json", dumps_json(results, indent=1))
         log(f"{name}: done in {value['seconds']:.1f}s")
         if value.get("reliable") is False:
             log(f"warning: {name} is unreliable: {value['reason']}")
@@ -113,7 +113,7 @@ def run_analysis(model: str, out_dir: str | Path, *, metrics=None, data: str | N
             on_error=on_error)
     results["provenance"]["memory"] = peak_memory()
     results["summary"] = summarize(results["metrics"], view.n_layers)
-    atomic_write_text(out / "results.json", json.dumps(to_jsonable(results), indent=1))
+    atomic_write_text(out / "results.json", dumps_json(to_jsonable(results), indent=1))
     _write_tables(out, results["metrics"])
     from depthlab.analysis.plots import plot_result
 

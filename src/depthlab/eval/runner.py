@@ -263,7 +263,7 @@ def evaluate(model, tokenizer, tasks: str | list[str] | None = "all", *, limit: 
 def save_results(results: dict, out_dir: str | Path) -> Path:
     """Write ``results.json`` (and ``samples_<task>.jsonl`` per task when samples were logged) into ``out_dir``,
     each atomically; returns the results.json path."""
-    from depthlab.fileio import atomic_write_text
+    from depthlab.fileio import atomic_write_text, dumps_json
 
     out = Path(out_dir).expanduser()
     try:
@@ -273,9 +273,9 @@ def save_results(results: dict, out_dir: str | Path) -> Path:
     body = {k: v for k, v in results.items() if k != "samples"}
     for task, rows in results.get("samples", {}).items():
         atomic_write_text(out / f"samples_{task}.jsonl",
-                          "".join(json.dumps(r, default=str) + "\n" for r in rows))
+                          "".join(dumps_json(r, default=str) + "\n" for r in rows))
     path = out / "results.json"
-    atomic_write_text(path, json.dumps(body, indent=2, default=str) + "\n")  # str: lm-eval's config objects
+    atomic_write_text(path, dumps_json(body, indent=2, default=str) + "\n")  # str: lm-eval's config objects
     return path
 
 

@@ -36,15 +36,17 @@ import yaml
 
 from depthlab.checkpoint import checkpoint_name
 from depthlab.errors import StudyError
-from depthlab.fileio import atomic_write_text
+from depthlab.fileio import atomic_write_text, dumps_json
 from depthlab.rundir import RunDir
 from depthlab.study.spec import StudySpec, check_dynamics, dynamics_steps, load_spec, spec_difference
 
 STATES = ("done", "running", "failed", "interrupted", "pending")
 LOCKED_EXIT = 75
 """Exit code of a run process that found its run folder locked by another `study run` (EX_TEMPFAIL)."""
-DESCRIPTIVE = ("description:", "runtime:", "gpu_hours:")
-"""Spec keys that do not change results: editing them does not make a study folder a different study."""
+DESCRIPTIVE = ("description:", "runtime:", "gpu_hours:",
+               "config.trainer.save_interval:", "config.trainer.keep_last:", "config.trainer.keep_every:")
+"""Spec keys that do not change results (descriptions, and checkpoint retention, which `check_dynamics` validates
+when the spec is loaded): editing them does not make a study folder a different study."""
 
 
 def _now() -> str:
@@ -52,7 +54,7 @@ def _now() -> str:
 
 
 def _write_json(path: Path, value: dict) -> None:
-    atomic_write_text(path, json.dumps(value, indent=1, default=str) + "\n")
+    atomic_write_text(path, dumps_json(value, indent=1, default=str) + "\n")
 
 
 def read_json(path: Path) -> dict | None:

@@ -20,7 +20,6 @@ report useful blocks from them.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -35,7 +34,7 @@ from depthlab.analysis.results import to_jsonable
 from depthlab.data import calibration_samples
 from depthlab.data.calibration import token_sha256
 from depthlab.errors import AnalysisError
-from depthlab.fileio import atomic_write_text
+from depthlab.fileio import atomic_write_text, dumps_json
 from depthlab.model.view import ModelView
 from depthlab.provenance import provenance
 from depthlab.tools.recipe import CONTEXT, GQA_GROUP, WEIGHT_DECAY
@@ -298,5 +297,5 @@ def doctor(model: str | Path, *, num_samples: int = 8, seq_len: int = 128, seed:
     if json_out is not None:
         path = Path(json_out)
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps(result.to_dict(), indent=1) + "\n")
+        atomic_write_text(path, dumps_json(result.to_dict(), indent=1) + "\n")
     return result
