@@ -26,7 +26,8 @@ def run_analysis(model: str, out_dir: str | Path, *, metrics=None, data: str | N
                  seq_len: int = 128, fit_samples: int | None = None, fit_seq_len: int | None = None, seed: int = 0,
                  dtype: str | None = None, micro_batch_size: int = 8, options: dict | None = None,
                  progress: bool = True, device: str = "cpu", device_map=None, max_memory: dict | None = None,
-                 offload_folder: str | None = None, cache_budget: int | str = "2GiB", log=print) -> dict:
+                 offload_folder: str | None = None, cache_budget: int | str = "2GiB", data_parallel: bool = False,
+                 log=print) -> dict:
     """Analyse `model` (anything `load_model` accepts) on a seeded held-out sample and write `out_dir`.
 
     num_samples x seq_len tokens are evaluated; the usefulness maps are fitted on a disjoint fit sample of
@@ -34,9 +35,10 @@ def run_analysis(model: str, out_dir: str | Path, *, metrics=None, data: str | N
     per map, capped at MAX_FIT_TOKENS). data None means the held-out text of the model's own training run when it
     is a depthlab run, else the held-out Shakespeare plays. device_map / max_memory / offload_folder place the model
     with accelerate (see `load_model`); cache_budget (bytes, or "2GiB") bounds the cached baseline states, beyond
-    which they are recomputed. Returns the results dict written to results.json (with the run's peak memory).
+    which they are recomputed. data_parallel: split the sequences over the torch.distributed ranks (torchrun).
+    Returns the results dict written to results.json (with the run's peak memory).
     """
-    from depthlab.analysis.engine import validate_ids
+    from depthlab.analysis.engine import check_data_parallel, data_parallel_world, validate_ids
     from depthlab.analysis.suite import analyze, resolve_metrics, resolve_options
     from depthlab.data import calibration_samples, run_heldout
     from depthlab.loading import load_model, weights_hash
@@ -44,6 +46,8 @@ def run_analysis(model: str, out_dir: str | Path, *, metrics=None, data: str | N
 
     names = resolve_metrics(metrics)
     opts = resolve_options(options)
+    world = data_parallel_world()[1] if data_parallel else 1
+    check_data_parallel(names, num_samples, world)  # before loading or writing anything
     if fit_samples is not None and fit_samples < 1:
         raise AnalysisError(f"--fit-samples must be >= 1, got {fit_samples}")
     if fit_seq_len is not None and fit_seq_len < 2:
@@ -79,6 +83,7 @@ def run_analysis(model: str, out_dir: str | Path, *, metrics=None, data: str | N
     (out / "metrics").mkdir(parents=True, exist_ok=True)
     results.update(identity)
     results["provenance"] = provenance(net, device=device if device_map is None else "device_map", dtype=dtype)
+    results["provenance"]["data_parallel_ranks"] = world
     if device_map is not None:
         results["provenance"]["device_map"] = getattr(net, "hf_device_map", device_map)
     results.setdefault("metrics", {})
@@ -109,7 +114,7 @@ def run_analysis(model: str, out_dir: str | Path, *, metrics=None, data: str | N
         cached = {"translators": str(out / "tuned_lens.safetensors")}
         opts = {**opts, "tuned_lens": {**cached, **opts.get("tuned_lens", {})}}
     analyze(net, ids, metrics, fit_ids=fit_ids, options=opts, micro_batch_size=micro_batch_size,
-            cache_budget_mb=cache_bytes / 2**20, progress=progress, skip=done, on_result=on_result,
+            cache_budget_mb=cache_bytes / 2**20, data_parallel=data_parallel, progress=progress, skip=done, on_result=on_result,
             on_error=on_error)
     results["provenance"]["memory"] = peak_memory()
     results["summary"] = summarize(results["metrics"], view.n_layers)

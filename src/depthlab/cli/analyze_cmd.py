@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from depthlab.analysis.defaults import DEFAULT_METRICS, FIT_TOKENS_PER_COEF, MAX_FIT_TOKENS
 from depthlab.cli import common
@@ -69,12 +70,41 @@ def parse_options(items: list[str]) -> dict[str, dict]:
 
 def run(args) -> int:
     from depthlab.rundir import folder_lock
+    from depthlab.train.distributed import Dist
 
-    with folder_lock(args.out, "analyze"):  # a second analyze into the same folder is refused, never interleaved
-        return _track(args) if args.checkpoints is not None else _analyze(args)
+    dist = Dist.from_env()  # under torchrun: the sequences are split over the ranks (docs/scale.md)
+    try:
+        if dist.enabled:
+            return _data_parallel(args, dist)
+        with folder_lock(args.out, "analyze"):  # a second analyze into the same folder is refused, never interleaved
+            return _track(args) if args.checkpoints is not None else _analyze(args)
+    finally:
+        if dist.enabled:
+            import torch.distributed
+
+            torch.distributed.destroy_process_group()
 
 
-def _analyze(args) -> int:
+def _data_parallel(args, dist) -> int:
+    """Every rank computes the same all-reduced results; rank 0 writes them, the others into a scratch folder."""
+    import tempfile
+
+    from depthlab.errors import AnalysisError
+    from depthlab.rundir import folder_lock
+
+    if args.checkpoints is not None:
+        raise AnalysisError("--checkpoints does not run under torchrun: analyse the checkpoints in one process")
+    if str(args.device).startswith("cuda"):
+        args.device = f"cuda:{dist.local_rank}"
+    if dist.is_main:
+        with folder_lock(args.out, "analyze"):
+            return _analyze(args, data_parallel=True)
+    with tempfile.TemporaryDirectory() as scratch:
+        args.out, args.json, args.quiet = str(Path(scratch) / "analysis"), None, True
+        return _analyze(args, data_parallel=True, main=False)
+
+
+def _analyze(args, data_parallel: bool = False, main: bool = True) -> int:
     from depthlab.analysis.runner import format_summary, run_analysis
     from depthlab.model.dispatch import parse_device_map, parse_max_memory
 
@@ -84,9 +114,10 @@ def _analyze(args) -> int:
     results = run_analysis(args.model, args.out, metrics=args.metrics, data=args.data, num_samples=args.num_samples,
                            seq_len=args.seq_len, fit_samples=args.fit_samples, fit_seq_len=args.fit_seq_len,
                            seed=args.seed, dtype=args.dtype, device=args.device, **placement,
+                           data_parallel=data_parallel,
                            micro_batch_size=args.micro_batch_size, options=parse_options(args.option),
-                           progress=not args.quiet, log=common.progress_log(args))
-    if common.emit_json(args, results):
+                           progress=not args.quiet, log=common.progress_log(args) if main else lambda line: None)
+    if not main or common.emit_json(args, results):
         return 0
     print(format_summary(results))
     print(f"results: {args.out}/results.json")
