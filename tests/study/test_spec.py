@@ -106,6 +106,9 @@ def test_folder_of_another_spec_is_refused_showing_the_difference(tmp_path):
     assert yaml.safe_load((tmp_path / "study.yaml").read_text())["description"] == "reworded"
     with pytest.raises(StudyError, match=r"different study spec \(grid\.model\.n_layers: \[2, 3\] → \[2, 4\]"):
         prepare_study(spec(grid={"model.n_layers": [2, 4]}), tmp_path)
+    retention = {**BASE, "trainer": {**BASE.get("trainer", {}), "keep_last": 7, "keep_every": 2}}
+    prepare_study(load_spec({"name": "s", "config": retention, "grid": {"model.n_layers": [2, 3]}}),
+                  tmp_path)  # checkpoint retention does not change results: accepted
     with pytest.raises(StudyError, match=r"config\.trainer\.max_steps: 5 → 9"):
         prepare_study(load_spec({"name": "s", "config": {**BASE, "trainer": {"max_steps": 9}},
                                  "grid": {"model.n_layers": [2, 3]}}), tmp_path)
