@@ -14,7 +14,7 @@ the others still run):
 * **analyze** — every default metric of `depthlab.analyze` on a ≥ 1B-parameter model built from the `paper-1b` preset
   with random weights (bf16), on 64×512 evaluation tokens; seconds per metric.
 * **eval** — `depthlab.eval.evaluate` of the bundled SmolLM2 on PIQA and ARC-Easy: examples per second.
-* **study** — a 2-step smoke of each built-in study at its `small` scale (the commands `depthlab study smoke` lists).
+* **study** — a 2-step smoke of each built-in study at its `small` scale (`depthlab.study.runner.smoke`, what `depthlab study smoke` runs).
 
 ``--cpu-smoke`` shrinks every shape (fp32, no compile, d=64 models, 4×64 tokens, 8 eval examples, 1-step studies at
 the tiny scale) so the script is known to run before a GPU is available; its numbers are not measurements.
@@ -25,13 +25,10 @@ from __future__ import annotations
 import argparse
 import itertools
 import platform
-import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
@@ -138,24 +135,19 @@ def eval_rows(args) -> list[dict]:
 
 
 def study_rows(args) -> list[dict]:
-    listing = subprocess.run([sys.executable, "-m", "depthlab", "study", "smoke", "--scale",
-                              "tiny" if args.cpu_smoke else "small"], capture_output=True, text=True, check=True)
+    from depthlab.study.runner import smoke
+    from depthlab.study.spec import builtin_names
+
+    scale = "tiny" if args.cpu_smoke else "small"
     rows = []
     with tempfile.TemporaryDirectory(prefix="depthlab-gpu-check-") as tmp:
-        for line in filter(None, listing.stdout.splitlines()):
-            argv = shlex.split(line.replace("{out}", str(Path(tmp) / f"s{len(rows)}")))
+        for name in builtin_names():
             start = time.perf_counter()
-            done = subprocess.run([sys.executable, "-m", "depthlab", *argv[1:]], check=False, capture_output=True,
-                                  text=True)
-            ok = "ok" if done.returncode == 0 else f"exit {done.returncode}: {_last_line(done.stderr)}"
-            rows.append({"section": "study", "what": " ".join(argv[1:4]), "value": ok,
-                         "detail": f"{time.perf_counter() - start:.0f} s"})
+            states = smoke([name], tmp, scale=scale, steps=1 if args.cpu_smoke else 2, log=lambda *a: None)[name]
+            bad = {run: state for run, state in states.items() if state != "done"}
+            rows.append({"section": "study", "what": f"{name} {scale} smoke ({', '.join(states)})",
+                         "value": "ok" if not bad else f"FAILED {bad}", "detail": f"{time.perf_counter() - start:.0f} s"})
     return rows
-
-
-def _last_line(text: str) -> str:
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    return lines[-1][:160] if lines else ""
 
 
 def _peak_memory(device: torch.device) -> str:
