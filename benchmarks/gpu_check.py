@@ -150,6 +150,10 @@ def study_rows(args) -> list[dict]:
     return rows
 
 
+def _flops(rate: float) -> str:
+    return f"{rate / 1e12:.1f} TFLOP/s" if rate >= 1e12 else f"{rate / 1e9:.1f} GFLOP/s"
+
+
 def _peak_memory(device: torch.device) -> str:
     if device.type == "cuda":
         return f"peak CUDA memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
@@ -172,8 +176,8 @@ def main() -> None:
     peak = nominal_peak(args.device) or measured
     print(f"# depthlab GPU check{' (CPU smoke: not a measurement)' if args.cpu_smoke else ''}\n\n"
           f"machine: {name}, torch {torch.__version__}, dtype {str(args.dtype).removeprefix('torch.')}, "
-          f"compile {args.compile}; measured matmul peak {measured / 1e12:.1f} TFLOP/s, MFU against "
-          f"{peak / 1e12:.1f} TFLOP/s ({'nominal' if peak != measured else 'measured'})\n", flush=True)
+          f"compile {args.compile}; measured matmul peak {_flops(measured)}, MFU against "
+          f"{_flops(peak)} ({'nominal' if peak != measured else 'measured'})\n", flush=True)
     sections = {
         "train": lambda: [train_row("paper dense 1B", *((64, 2, 64, 2) if args.cpu_smoke else (2048, 16, 1024, 8)),
                                     3 if args.cpu_smoke else 10, args, peak),
