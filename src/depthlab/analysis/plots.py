@@ -95,7 +95,8 @@ def plot_result(name: str, result: dict, out: Path) -> list[Path]:
               title="where the prediction settles")
         a.legend()
         b.plot(layers, result["top1_agreement"], marker=".", label="top-1 = final top-1")
-        b.plot(layers, [float(np.exp(v)) for v in result["target_logprob"]], marker=".", label="exp(mean log p(target))")
+        b.plot(layers, [float(np.exp(v)) for v in result["target_logprob"]], marker=".",
+               label="exp(mean log p(target))")
         b.set(xlabel="block l", ylim=(0, 1.02), title="agreement with the output")
         b.legend()
         written.append(out / f"{name}.png")

@@ -11,8 +11,8 @@
 
 The sample is drawn once, with the first checkpoint's tokenizer (from the run's own held-out text for a depthlab
 run), and every checkpoint is analysed on exactly those token ids, so differences between steps are differences of
-the model. Each checkpoint's result is written to ``checkpoints/<folder name>.json`` as it finishes and reused on a rerun
-when its weights hash, the sample and the metrics match. The per-step table ``tracking.csv`` holds one scalar per
+the model. Each checkpoint's result is written to ``checkpoints/<folder name>.json`` as it finishes and reused on a
+rerun when its weights hash, the sample and the metrics match. The per-step table ``tracking.csv`` holds one scalar per
 metric (usefulness score, mean angular distance, mean lens KL over blocks, causal mean effect, ...);
 ``tracking.png`` plots them against the step, and ``tracking_<metric>.png`` is a heatmap of the metric's main
 per-layer column over steps × blocks.
