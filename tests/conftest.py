@@ -48,23 +48,30 @@ def tiny_config(dataset, *overrides: str):
 
 
 @pytest.fixture(scope="session")
-def hf_folder(tmp_path_factory):
-    """A tiny Llama (3 blocks) and a byte-level BPE trained on a few lines, saved as a normal HF folder."""
+def bpe_tokenizer():
+    """A byte-level BPE (300 tokens) with an eos token, trained on a few lines."""
     import transformers as T
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    folder = tmp_path_factory.mktemp("tiny-llama")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     text = ["To be, or not to be, that is the question.", "All the world's a stage, and all the men players."]
     tok.train_from_iterator(text * 20, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
                                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = T.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+    return T.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+
+
+@pytest.fixture(scope="session")
+def hf_folder(tmp_path_factory, bpe_tokenizer):
+    """A tiny Llama (3 blocks) and the byte-level BPE above, saved as a normal HF folder."""
+    import transformers as T
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
     torch.manual_seed(0)
-    config = T.LlamaConfig(vocab_size=len(fast), hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+    config = T.LlamaConfig(vocab_size=len(bpe_tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=3,
                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                            initializer_range=0.25)
     T.LlamaForCausalLM(config).save_pretrained(folder)
-    fast.save_pretrained(folder)
+    bpe_tokenizer.save_pretrained(folder)
     return folder

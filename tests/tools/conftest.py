@@ -5,21 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers as T
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from tests.conftest import tiny_config
 
 
 @pytest.fixture(scope="session")
-def tokenizer():
-    """A byte-level BPE with an eos token, trained on a few lines."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    text = ["To be, or not to be, that is the question.", "All the world's a stage, and all the men players."]
-    tok.train_from_iterator(text * 20, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return T.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+def tokenizer(bpe_tokenizer):
+    """The suite's byte-level BPE with an eos token (tests/conftest.py)."""
+    return bpe_tokenizer
 
 
 def llama(vocab: int, layers: int = 4, seed: int = 0) -> T.LlamaForCausalLM:
