@@ -13,6 +13,8 @@ therefore enough to run it where it lives. What depthlab needs on top, defined h
   weights, so `torch.func.functional_call` can run it with another block's weights.
 * `validate_device_map` / `dispatch`: the checks on a device map, offload folder and ``max_memory`` before anything
   is loaded, and accelerate's dispatch for models not loaded by ``from_pretrained`` (depthlab's own Transformer).
+* `parse_size`, `parse_device_map`, `parse_max_memory`: the CLI's ``2GiB`` sizes, ``--device-map`` and
+  ``--max-memory DEV=SIZE,...``.
 """
 
 from __future__ import annotations
