@@ -74,3 +74,26 @@ def test_branch_effects_match_hand_zeroed_and_hand_fitted_branches(family, ids):
                               lambda: full_loss(model, ids)) / base
             assert getattr(got, f"{branch}_affine")[s] == pytest.approx(ratio, rel=1e-4), (family, branch, s)
     assert max(abs(r - 1) for r in got.attn_removed + got.ffn_removed) > 1e-3  # removal changes the loss
+
+
+def test_affine_columns_fit_on_the_separate_fit_sample(ids):
+    """With fit_ids the sub-layer maps come from the fit sample, are evaluated on input_ids, and carry `reliable`."""
+    from depthlab.errors import AnalysisError
+
+    model = build("llama")
+    generator = torch.Generator().manual_seed(7)  # not the `ids` fixture's seed: disjoint text
+    vocab = model.config.vocab_size
+    fit = torch.randint(0, vocab, (12, 24), generator=generator)  # 288 tokens ≥ 10·(d+1) = 170 for d=16
+    got = branch_effects(model, ids, fit_ids=fit, micro_batch_size=4)
+    assert got.fit_tokens == fit.numel() and got.reliable and got.reason is None
+    base = full_loss(model, ids)
+    x, y = sublayer_io(model, fit, 1, "ffn")
+    xa = torch.cat([x.double().flatten(0, 1), torch.ones(x.shape[0] * x.shape[1], 1, dtype=torch.float64)], 1)
+    m = solve_affine(xa.T @ xa, xa.T @ y.double().flatten(0, 1))
+    ratio = with_hook(model, 1, "ffn", lambda x, y: (x.double() @ m.weight + m.bias).to(y.dtype),
+                      lambda: full_loss(model, ids)) / base
+    assert got.ffn_affine[1] == pytest.approx(ratio, rel=1e-4)
+    in_sample = branch_effects(model, ids[:2, :6], micro_batch_size=4)  # 12 tokens for 17 coefficients
+    assert not in_sample.reliable and "fit sample" in in_sample.reason
+    with pytest.raises(AnalysisError, match="overlap|share"):
+        branch_effects(model, ids, fit_ids=ids)

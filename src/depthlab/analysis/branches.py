@@ -6,9 +6,10 @@ For every block l and each of its two branches b ∈ {attn, ffn} (the MLP or MoE
   one branch zeroed (the engine's ``Drop``), so no extra baseline pass; a ratio near 1 means the branch is removable
   (He et al., "What matters in transformers? Not all attention is needed", 2024);
 * ``affine[b][l] = L(sub-layer replaced by x ↦ x·W + b) / L_0`` — the sub-layer module (attention / MLP / MoE) is
-  replaced by the least-squares affine map of its own input to its own output, fitted on the same sample in fp64
-  (the usefulness test of SPEC §5.4, one sub-layer at a time); any norm the block applies to the sub-layer's output
-  afterwards (OLMo-2, Peri-LN) still runs. Like usefulness, the fit needs more tokens than d + 1 to mean anything;
+  replaced by the least-squares affine map of its own input to its own output, fitted in fp64 on the separate fit
+  sample `analyze` passes (as for usefulness; the evaluation sample itself only when none is given) — the usefulness
+  test of SPEC §5.4, one sub-layer at a time; any norm the block applies to the sub-layer's output afterwards
+  (OLMo-2, Peri-LN) still runs. Below 10·(d+1) fit tokens the result is flagged ``reliable: false``;
 * ``causal[b][s][l] = Σ_tok ||Δ̄_l − Δ_l|| / Σ_tok ||Δ_l||`` for l > s — how much removing branch b of block s changes
   every later block's update Δ_l = h_{l+1} − h_l (the causal effect of SPEC §5.5 with a branch instead of a block
   skipped; NaN where l ≤ s). The removal run that gives ``removed`` gives this at no extra cost.
@@ -21,8 +22,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from depthlab.analysis.engine import Drop, Engine, _first_tensor, get_engine
-from depthlab.analysis.replacement import AffineMap, solve_affine
+from depthlab.analysis.engine import Drop, Engine, _first_tensor, get_engine, validate_ids
+from depthlab.analysis.replacement import AffineMap, check_disjoint, fit_reliability, solve_affine
 from depthlab.analysis.results import Result
 from depthlab.errors import AnalysisError
 
@@ -48,6 +49,12 @@ class BranchEffects(Result):
     ffn_causal_mean: list[float]
     baseline_loss: float
     tokens: int
+    fit_tokens: int
+    """Tokens each affine map was fitted on (the separate fit sample when one was given, else the sample itself)."""
+    reliable: bool
+    """False when the affine fits are under-determined (fewer than 10·(d+1) fit tokens): the affine columns then
+    measure the sample, not the model (the removal columns do not depend on it)."""
+    reason: str | None
 
 
 def sublayer(engine: Engine, layer: int, name: str) -> torch.nn.Module:
@@ -103,12 +110,26 @@ def _fit_sublayers(engine: Engine, progress: bool) -> dict[str, list[AffineMap]]
     return {b: [solve_affine(xtx[b][l], xty[b][l]) for l in range(L)] for b in BRANCHES}
 
 
-def branch_effects(model, input_ids, *, micro_batch_size: int = 8, cache_budget_mb: float = 2048.0,
-                   engine: Engine | None = None, progress: bool = False) -> BranchEffects:
-    """Loss ratios with each block's attention / MLP removed or made affine, and the branch-removal causal effects."""
+def branch_effects(model, input_ids, *, fit_ids=None, disjoint: bool = True, micro_batch_size: int = 8,
+                   cache_budget_mb: float = 2048.0, engine: Engine | None = None,
+                   progress: bool = False) -> BranchEffects:
+    """Loss ratios with each block's attention / MLP removed or made affine, and the branch-removal causal effects.
+
+    fit_ids: the sample the affine maps are fitted on (as for `usefulness`; `disjoint` refuses one that overlaps
+    `input_ids`); None fits them on `input_ids` itself, which is flagged unreliable below 10·(d+1) tokens.
+    """
     eng = get_engine(model, input_ids, engine, micro_batch_size, cache_budget_mb)
     L = eng.n_layers
-    maps = _fit_sublayers(eng, progress)
+    if fit_ids is None:
+        fit_eng = eng
+    else:
+        fit = validate_ids(fit_ids, eng.stack)
+        if disjoint:
+            check_disjoint(fit, eng.input_ids)
+        fit_eng = Engine(model, fit, micro_batch_size=micro_batch_size, cache_budget_mb=0)
+    maps = _fit_sublayers(fit_eng, progress)
+    fit_tokens = fit_eng.input_ids.numel()
+    reliable, reason = fit_reliability(fit_tokens, eng.stack.d_model)
     removed = {b: torch.zeros(L, dtype=torch.float64) for b in BRANCHES}
     affine = {b: torch.zeros(L, dtype=torch.float64) for b in BRANCHES}
     num = {b: torch.zeros(L, L, dtype=torch.float64) for b in BRANCHES}
@@ -150,4 +171,5 @@ def branch_effects(model, input_ids, *, micro_batch_size: int = 8, cache_budget_
         attn_removed=(removed["attn"] / base_sum).tolist(), ffn_removed=(removed["ffn"] / base_sum).tolist(),
         attn_affine=(affine["attn"] / base_sum).tolist(), ffn_affine=(affine["ffn"] / base_sum).tolist(),
         attn_causal=causal["attn"].tolist(), ffn_causal=causal["ffn"].tolist(), attn_causal_mean=means["attn"],
-        ffn_causal_mean=means["ffn"], baseline_loss=base_sum / tokens, tokens=tokens)
+        ffn_causal_mean=means["ffn"], baseline_loss=base_sum / tokens, tokens=tokens, fit_tokens=fit_tokens,
+        reliable=reliable, reason=reason)

@@ -223,11 +223,7 @@ def usefulness(model, input_ids, *, fit_ids=None, tau: float = 0.10, folds: int 
     useful = ratios > 1 + tau
     iv = _intervals(nll, nll0, fit_dev, tau, bootstrap, confidence, seed)
     fit_tokens = min(neq.fit_tokens(key) for key in maps)
-    reliable = fit_tokens >= MIN_FIT_TOKENS_PER_COEF * (d + 1)
-    reason = None if reliable else (
-        f"each affine map was fitted on {fit_tokens} tokens, {fit_tokens / (d + 1):.1f} per coefficient (d+1 = "
-        f"{d + 1}); at least {MIN_FIT_TOKENS_PER_COEF * (d + 1)} are needed: give a larger fit sample "
-        f"(fit_ids, or --fit-samples/--fit-seq-len)")
+    reliable, reason = fit_reliability(fit_tokens, d)
     return Usefulness(
         loss_ratios=ratios.tolist(), useful=useful.tolist(), score=useful.double().mean().item(),
         continuous_score=ratios.log().mean().item(), tau=tau, baseline_loss=(nll0.sum() / eval_tokens).item(),
@@ -235,6 +231,15 @@ def usefulness(model, input_ids, *, fit_ids=None, tau: float = 0.10, folds: int 
         ratio_intervals=iv[2], fit_std=iv[3], confidence=confidence, cross_fitted=fit_ids is None,
         fit_tokens=fit_tokens, fit_tokens_per_coef=fit_tokens / (d + 1), eval_tokens=eval_tokens,
         reliable=reliable, reason=reason)
+
+
+def fit_reliability(fit_tokens: int, d: int) -> tuple[bool, str | None]:
+    """(reliable, reason): the sample-size rule for a d → d affine map fitted on `fit_tokens` tokens."""
+    if fit_tokens >= MIN_FIT_TOKENS_PER_COEF * (d + 1):
+        return True, None
+    return False, (f"each affine map was fitted on {fit_tokens} tokens, {fit_tokens / (d + 1):.1f} per coefficient "
+                   f"(d+1 = {d + 1}); at least {MIN_FIT_TOKENS_PER_COEF * (d + 1)} are needed: give a larger fit "
+                   f"sample (fit_ids, or --fit-samples/--fit-seq-len)")
 
 
 def check_disjoint(fit_ids: torch.Tensor, input_ids: torch.Tensor) -> None:

@@ -39,7 +39,7 @@ def run_analysis(model: str, out_dir: str | Path, *, metrics=None, data: str | N
     Returns the results dict written to results.json (with the run's peak memory).
     """
     from depthlab.analysis.engine import check_data_parallel, data_parallel_world, validate_ids
-    from depthlab.analysis.suite import analyze, resolve_metrics, resolve_options
+    from depthlab.analysis.suite import FITTED_METRICS, analyze, resolve_metrics, resolve_options
     from depthlab.data import calibration_samples, run_heldout
     from depthlab.loading import load_model, weights_hash
     from depthlab.model.view import ModelView
@@ -61,7 +61,7 @@ def run_analysis(model: str, out_dir: str | Path, *, metrics=None, data: str | N
     view = ModelView(net)
     heldout, disjoint = (data, None) if data is not None else run_heldout(net)
     fit_seq_len = fit_seq_len or seq_len
-    fitting = "usefulness" in names
+    fitting = any(name in FITTED_METRICS for name in names)
     if fitting and fit_samples is None:
         fit_samples = default_fit_samples(view.d_model, fit_seq_len)
     ids, fit_ids, sample = calibration_samples(tokenizer, heldout, num_samples, seq_len,

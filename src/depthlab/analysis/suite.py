@@ -37,6 +37,8 @@ METRICS: dict[str, Callable] = {
     "branches": branch_effects,
 }
 """Metric name → public function ``(model, input_ids, *, engine=None, progress=False, **options) -> Result``."""
+FITTED_METRICS = ("usefulness", "branches")
+"""Metrics that fit affine maps and take the separate fit sample (``fit_ids``)."""
 
 
 def resolve_metrics(metrics) -> list[str]:
@@ -110,7 +112,7 @@ def analyze(model, input_ids, metrics=None, *, fit_ids=None, options: dict[str, 
     metrics: None or "default" runs DEFAULT_METRICS (the same set `depthlab analyze` runs), "all" every metric;
     ``moe`` is dropped for dense models unless named explicitly. options: per-metric keyword arguments over
     DEFAULT_OPTIONS (permutation over adjacent pairs, the Jacobian estimate), e.g. ``{"usefulness": {"tau": 0.2}}``.
-    fit_ids: the sample the usefulness maps are fitted on (None cross-fits `input_ids`, see `usefulness`).
+    fit_ids: the sample the affine maps of usefulness and branches are fitted on (None cross-fits `input_ids`, see `usefulness`).
     skip: names not to run (already done). The baseline is computed once and shared while it fits
     `cache_budget_mb`. `on_result(name, result)` is called as each metric finishes (the CLI saves it there, so an
     interrupted run keeps finished metrics). With `on_error`, a metric raising AnalysisError is reported there and
@@ -124,8 +126,9 @@ def analyze(model, input_ids, metrics=None, *, fit_ids=None, options: dict[str, 
     if "moe" in names and metrics in (None, "default", "all") and engine.stack.router(0) is None:
         names.remove("moe")
     check_data_parallel([n for n in names if n not in skip], engine.input_ids.shape[0], engine.world)
-    if fit_ids is not None:
-        opts.setdefault("usefulness", {})["fit_ids"] = fit_ids
+    if fit_ids is not None:  # every metric that fits affine maps fits them on the separate sample
+        for name in FITTED_METRICS:
+            opts.setdefault(name, {})["fit_ids"] = fit_ids
     results = {}
     for name in names:
         if name in skip:
