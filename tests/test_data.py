@@ -373,7 +373,7 @@ def test_calibration_sample_is_seeded_disjoint_and_recorded(small_dataset):
     assert len(set(starts)) == 6 and ids.dtype == torch.long and ids.shape == (6, 40)
     assert prov == {"source": f"text ({len(text):,} characters)", "seed": 5, "num_samples": 6, "seq_len": 40,
                     "token_sha256": token_sha256(ids), "text_sha256": prov["text_sha256"],
-                    "tokens_available": len(stream)}
+                    "tokens_available": len(stream), "documents": ["text"]}  # which documents the text came from
     again, prov2 = calibration_sample(tok, text, num_samples=6, seq_len=40, seed=5)
     assert torch.equal(ids, again) and prov2 == prov
     fewer, _ = calibration_sample(tok, text, num_samples=3, seq_len=40, seed=5)
