@@ -369,7 +369,7 @@ def _intro(agg: dict) -> list[str]:
 def md_escape(text) -> str:
     """A user string as literal Markdown text: HTML-escaped as in the HTML page (a renderer passes raw HTML through),
     Markdown's inline markup characters backslash-escaped, and on one line."""
-    text = html.escape(str(text)).replace("\n", " ").replace("\r", " ")
+    text = html.escape(str(text), quote=False).replace("\n", " ").replace("\r", " ")
     return re.sub(r"([\\`*_\[\]|])", r"\\\1", text)
 
 
