@@ -42,16 +42,18 @@ HEATMAPS = {"usefulness": "loss_ratios", "angular": "angular_distance", "lens": 
 def resolve_checkpoints(model: str | Path, checkpoints: str) -> list[tuple[int, Path]]:
     """(step, folder) of the chosen checkpoints, oldest first; a folder with none, or unknown STEPS, is an error."""
     from depthlab import checkpoint as ckpt
+    from depthlab.rundir import RunDir
 
     root = Path(model)
     if not root.is_dir():
         raise AnalysisError(f"--checkpoints needs a run folder or a folder of model folders; {root} is not a folder")
-    if (root / "checkpoints").is_dir() or (root / "config.yaml").is_file():
-        found = [(ckpt.checkpoint_step(p), p) for p in ckpt.list_checkpoints(root / "checkpoints")]
+    run = RunDir(root)
+    is_run = run.checkpoints_dir.is_dir() or run.started()
+    if is_run:
+        found = [(ckpt.checkpoint_step(p), p) for p in run.checkpoints()]
         what = f"run {root} has no complete checkpoints"
     else:
-        subs = [p for p in root.iterdir() if p.is_dir() and ((p / "config.json").is_file()
-                                                              or (p / "config.yaml").is_file())]
+        subs = [p for p in root.iterdir() if p.is_dir() and ((p / "config.json").is_file() or RunDir(p).started())]
         found = sorted(((_trailing_number(p.name), p) for p in subs), key=lambda x: (x[0], x[1].name))
         what = f"{root} holds no model folders (subfolders with a config.json)"
     if not found:
@@ -65,7 +67,7 @@ def resolve_checkpoints(model: str | Path, checkpoints: str) -> list[tuple[int, 
     for w in wanted:
         match = [c for c in found if c[1].name == w or (w.isdigit() and c[0] == int(w))]
         if not match:
-            have = ", ".join(str(s) if root.joinpath("checkpoints").is_dir() else p.name for s, p in found)
+            have = ", ".join(str(s) if is_run else p.name for s, p in found)
             raise AnalysisError(f"no checkpoint {w!r} in {root}; available: {have}")
         chosen.append(match[0])
     return sorted(dict.fromkeys(chosen))
