@@ -10,7 +10,6 @@ The folder of a run as a whole (config, tokenizer, logs, these checkpoints) is d
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -23,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from depthlab.errors import CheckpointError
-from depthlab.fileio import dumps_json, fsync_dir, fsync_file, os_error_reason, unique_sibling
+from depthlab.fileio import dumps_json, file_sha256, fsync_dir, fsync_file, os_error_reason, unique_sibling
 
 FORMAT = "depthlab-checkpoint-v1"
 MODEL_FILE, STATE_FILE, META_FILE = "model.safetensors", "trainer_state.pt", "meta.json"
@@ -41,14 +40,6 @@ def checkpoint_step(path: Path) -> int:
     if match is None:
         raise CheckpointError(f"{path} is not a checkpoint folder (names look like step_000300)")
     return int(match.group(1))
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -75,7 +66,7 @@ def save_checkpoint(ckpt_dir: Path, step: int, weights: dict[str, torch.Tensor],
         tmp.mkdir()
         save_file(weights, tmp / MODEL_FILE, metadata={"format": FORMAT, "step": str(step)})
         torch.save(trainer_state, tmp / STATE_FILE)
-        files = {name: sha256(tmp / name) for name in (MODEL_FILE, STATE_FILE)}
+        files = {name: file_sha256(tmp / name) for name in (MODEL_FILE, STATE_FILE)}
         meta = {"format": FORMAT, "step": step, "sha256": files}
         (tmp / META_FILE).write_text(dumps_json(meta, indent=2))
         for name in (MODEL_FILE, STATE_FILE, META_FILE):
@@ -133,7 +124,7 @@ def verify(path: Path) -> dict[str, Any]:
         f = path / name
         if not f.exists():
             raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing")
-        if sha256(f) != digest:
+        if file_sha256(f) != digest:
             raise CheckpointError(f"checkpoint {path} is corrupt: {name} does not match its recorded checksum")
     return meta
 

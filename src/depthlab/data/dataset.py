@@ -8,12 +8,12 @@ Layout of a folder::
     val_text.txt     the validation documents' text, each followed by a blank line (offsets in documents.jsonl)
     documents.jsonl  one line per document: name, split, token offset/count in its shard (+ char offset/count
                      in val_text.txt for validation documents)
-    meta.json        written last: source, tokenizer, vocab size, dtype, per-split counts and sha256, fingerprint
+    meta.json        written last: source, tokenizer (and its sha256), vocab size, dtype, per-split counts and sha256,
+                     fingerprint
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +23,7 @@ import numpy as np
 from depthlab.data.sources import Document
 from depthlab.data.tokenizer import tokenizer_from_file
 from depthlab.errors import DataError
+from depthlab.fileio import file_sha256
 
 FORMAT = "depthlab-tokens"
 FORMAT_VERSION = 1
@@ -89,8 +90,13 @@ class TokenDataset:
         return self._splits[name]
 
     def tokenizer(self):
-        """The dataset's tokenizer as a `transformers.PreTrainedTokenizerFast` (eos token set)."""
-        return tokenizer_from_file(self.path / "tokenizer.json", self.meta["tokenizer"]["special_tokens"])
+        """The dataset's tokenizer as a `transformers.PreTrainedTokenizerFast` (eos token set), checked against the
+        sha256 in meta.json (datasets prepared before it was recorded have none)."""
+        path, recorded = self.path / "tokenizer.json", self.meta["tokenizer"].get("file_sha256")
+        if recorded and file_sha256(path) != recorded:
+            raise DataError(f"{path} is corrupt: it does not match its sha256 in meta.json; prepare the dataset "
+                            "again with --overwrite")
+        return tokenizer_from_file(path, self.meta["tokenizer"]["special_tokens"])
 
     def documents(self) -> Iterator[dict]:
         """The document list, in shard order: name, split, token offset and count (+ char offset/count for val)."""
@@ -118,13 +124,3 @@ class TokenDataset:
     def __repr__(self) -> str:
         counts = ", ".join(f"{s}={self.meta['splits'][s]['tokens']:,}" for s in SPLITS)
         return f"TokenDataset({str(self.path)!r}, vocab={self.vocab_size}, tokens: {counts})"
-
-
-def file_sha256(path: Path) -> str:
-    """The sha256 of a file, read in 4 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
-

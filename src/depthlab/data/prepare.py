@@ -28,6 +28,7 @@ from depthlab.data.sampling import seeded_order
 from depthlab.data.sources import Corpus, Document, open_source
 from depthlab.data.tokenizer import check_vocab_size, load_tokenizer, special_tokens, train_bpe
 from depthlab.errors import DataError
+from depthlab.fileio import file_sha256
 
 CHUNKS_PER_DOCUMENT = 100
 """A single-document corpus is cut into this many contiguous pieces, which are then split like documents."""
@@ -117,7 +118,8 @@ def _write(out: Path, units: _Units, tokenizer: str, tok, vocab_size: int, setti
                 "fingerprint": fingerprint, "settings": settings, "source": settings["source"],
                 "single_document_chunked": units.chunked,
                 "tokenizer": {"kind": "bpe" if tokenizer == "bpe" else "hf", "spec": settings["tokenizer"]["spec"],
-                              "special_tokens": special_tokens(tok), "eos_id": tok.eos_token_id},
+                              "special_tokens": special_tokens(tok), "eos_id": tok.eos_token_id,
+                              "file_sha256": file_sha256(staged["tokenizer.json"])},
                 "vocab_size": vocab, "dtype": dtype.name, "splits": splits,
                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
         staged["meta.json"].write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")

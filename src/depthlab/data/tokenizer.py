@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from depthlab.errors import DataError
+from depthlab.fileio import record_checksum
 
 EOT = "<|endoftext|>"
 """The end-of-text token a trained BPE appends after every document."""
@@ -87,6 +88,14 @@ def tokenizer_from_file(path: Path, special_tokens: dict[str, str]):
         return PreTrainedTokenizerFast(tokenizer_file=str(path), **special_tokens)
     except Exception as e:  # a truncated or foreign tokenizer.json surfaces as a tokenizers parse error
         raise DataError(f"cannot read tokenizer {path}: {e}") from e
+
+
+def save_tokenizer(tokenizer, folder: Path) -> None:
+    """``save_pretrained`` into a run or model folder, plus the ``tokenizer.json.sha256`` sidecar that loading checks
+    (`depthlab.fileio.record_checksum`); a slow tokenizer writes no tokenizer.json and gets none."""
+    tokenizer.save_pretrained(folder)
+    if (Path(folder) / "tokenizer.json").is_file():
+        record_checksum(Path(folder) / "tokenizer.json")
 
 
 def special_tokens(tokenizer) -> dict[str, str]:

@@ -187,10 +187,12 @@ def _data_description(data: dict) -> str:
 
 
 def save_pretrained(hf_model, tokenizer, folder: Path) -> None:
-    """A transformers model (safetensors) and its tokenizer into an existing folder."""
+    """A transformers model (safetensors) and its tokenizer (with its checksum sidecar) into an existing folder."""
+    from depthlab.data.tokenizer import save_tokenizer
+
     hf_model.save_pretrained(folder, safe_serialization=True)
     if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
+        save_tokenizer(tokenizer, folder)
 
 
 def from_hf(hf_model) -> Transformer:

@@ -9,6 +9,7 @@ import torch
 from depthlab import checkpoint as ckpt
 from depthlab import config as cfgmod
 from depthlab.errors import ModelLoadError
+from depthlab.fileio import verify_checksum
 from depthlab.model.transformer import Transformer
 from depthlab.rundir import RunDir, is_checkpoint
 
@@ -29,12 +30,13 @@ def load_depthlab(path: str | Path, device: str | torch.device = "cpu", dtype: t
     checkpoint = path if is_checkpoint(path) else run.latest()
     if checkpoint is None:
         raise ModelLoadError(f"run {run.path} has no complete checkpoint yet")
+    if not run.tokenizer_path.exists():
+        raise ModelLoadError(f"run {run.path} has no {RunDir.TOKENIZER}")
+    verify_checksum(run.tokenizer_path, ModelLoadError)  # runs from before the sidecar have none: read unchecked
     model = Transformer(cfg.model)
     ckpt.load_model_weights(checkpoint, model)
     model.to(device=device, dtype=dtype).eval()
     model.checkpoint_path = str(checkpoint)
-    if not run.tokenizer_path.exists():
-        raise ModelLoadError(f"run {run.path} has no {RunDir.TOKENIZER}")
     try:
         tokenizer = PreTrainedTokenizerFast.from_pretrained(str(run.path))
     except Exception as e:  # noqa: BLE001 — the tokenizers library raises bare Exceptions for a torn file

@@ -289,6 +289,7 @@ def _save_depthlab_run(model, tokenizer, folder: Path, source_config: dict | Non
 
     from depthlab import checkpoint as ckpt
     from depthlab import config as cfgmod
+    from depthlab.data.tokenizer import save_tokenizer
 
     run = RunDir(folder)
     config = cfgmod.from_dict(source_config) if source_config else cfgmod.Config()
@@ -296,7 +297,7 @@ def _save_depthlab_run(model, tokenizer, folder: Path, source_config: dict | Non
     run.config_path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     ckpt.save_checkpoint(run.checkpoints_dir, 0, ckpt.model_state(model), {}, keep_last=1)
     if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
+        save_tokenizer(tokenizer, folder)
 
 
 def heldout_nll(model, input_ids: torch.Tensor, micro_batch_size: int = 8) -> float:

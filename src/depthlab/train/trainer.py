@@ -22,6 +22,7 @@ from depthlab import __version__
 from depthlab import checkpoint as ckpt
 from depthlab import config as cfgmod
 from depthlab.config import Config
+from depthlab.data.tokenizer import save_tokenizer
 from depthlab.errors import CheckpointError, ConfigError, Interrupted, TrainingError
 from depthlab.fileio import atomic_write_text, dumps_json
 from depthlab.model.moe import batch_routing
@@ -205,7 +206,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: Dist, stop) -> TrainR
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run.config_path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         if not run.tokenizer_path.exists():
-            dataset.tokenizer().save_pretrained(run_dir)
+            save_tokenizer(dataset.tokenizer(), run_dir)
         G = cfg.model.n_heads // cfg.model.kv_heads
         print(f"depthlab {__version__} | L={cfg.model.n_layers} d={cfg.model.d_model} G={G} "
               f"T={cfg.model.seq_len} | {counts.summary()} | {dist.world_size} rank(s) on {device} "
