@@ -49,7 +49,10 @@ class RMSNorm(nn.Module):
 class Rotary(nn.Module):
     """RoPE in the rotate-half convention of Hugging Face Llama, so exported weights need no permutation.
 
-    The cos/sin tables are plain cached tensors, not buffers: they are never saved and survive meta-device init.
+    ``rope(x) = x·cos + rotate_half(x)·sin`` with ``rotate_half(x1, x2) = (−x2, x1)``. The sign is folded into the
+    sine table (``sin_signed = (−sin, sin)`` by half), so ``rope(x) = x·cos + swap(x)·sin_signed``: the same values
+    bit for bit (negation is exact) without a negated copy of every query and key. The tables are plain cached
+    tensors, not buffers: they are never saved and survive meta-device init.
     """
 
     def __init__(self, head_dim: int, max_len: int, theta: float):
@@ -58,20 +61,21 @@ class Rotary(nn.Module):
         self._cache: tuple[int, torch.device, torch.Tensor, torch.Tensor] | None = None
 
     def tables(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin_signed)`` [seq_len, head_dim]."""
         if self._cache is None or self._cache[0] < seq_len or self._cache[1] != device:
             n = max(seq_len, self.max_len)
             inv_freq = 1.0 / self.theta ** (torch.arange(0, self.head_dim, 2, device=device).float() / self.head_dim)
             freqs = torch.outer(torch.arange(n, device=device).float(), inv_freq)
-            emb = torch.cat([freqs, freqs], dim=-1)
-            self._cache = (n, device, emb.cos(), emb.sin())
+            cos, sin = freqs.cos(), freqs.sin()
+            self._cache = (n, device, torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1))
         _, _, cos, sin = self._cache
         return cos[:seq_len], sin[:seq_len]
 
     @staticmethod
-    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def apply(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
         x1, x2 = x.chunk(2, dim=-1)
-        rotated = torch.cat([-x2, x1], dim=-1)
-        return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+        swapped = torch.cat([x2, x1], dim=-1)
+        return (x.float() * cos + swapped.float() * sin_signed).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -160,19 +164,22 @@ class Block(nn.Module):
             if norm is not None:
                 norm.reset_parameters()
 
+    def scaled(self, h: torch.Tensor) -> torch.Tensor:
+        """``h·s_l``; without LayerNorm Scaling (s = 1) no multiply at all (the same values, one pass less)."""
+        return h * self.scale if self.scale != 1.0 else h
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = self.scale
         if self.placement == "post":
-            a = self.attn(x * s)
+            a = self.attn(self.scaled(x))
             u = self.norm1(x + a)
-            f = self.ffn(u * s)
+            f = self.ffn(self.scaled(u))
             y = self.norm2(u + f)
         else:
-            a = self.attn(self.norm1(x) * s)
+            a = self.attn(self.scaled(self.norm1(x)))
             if self.placement == "peri":
                 a = self.attn_out_norm(a)
             u = x + a
-            f = self.ffn(self.norm2(u) * s)
+            f = self.ffn(self.scaled(self.norm2(u)))
             if self.placement == "peri":
                 f = self.ffn_out_norm(f)
             y = u + f
