@@ -1,4 +1,5 @@
-"""Which device and compute dtype to use: the one resolver behind every `--device` and `--dtype`.
+"""Which device and compute dtype to use: the one resolver behind every `--device` and `--dtype`, and how much
+memory a device has (`device_memory`, for the up-front checks of training and analysis).
 
 bf16 is the fast path on GPUs and on CPUs with native bf16 matmul units (AVX512-BF16, AMX). On CPUs without them
 (AVX2-only machines, e.g. the 2-core machines this project is developed on) bf16 matmuls are emulated and measured
@@ -72,3 +73,34 @@ def dtype_name(dtype) -> str:
     """torch.float32 → 'fp32' (the spelling results files and the CLI use)."""
     return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(str(dtype).removeprefix("torch."),
                                                                          str(dtype).removeprefix("torch."))
+
+
+def device_memory(device) -> tuple[int | None, int | None]:
+    """(total, available) bytes of a device: GPU memory for CUDA (``mem_get_info``), physical RAM and the kernel's
+    ``MemAvailable`` otherwise; None where the platform does not say."""
+    import os
+
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return total, free
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (OSError, ValueError):
+        total = None
+    try:
+        with open("/proc/meminfo") as f:
+            available = next((int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")), None)
+    except OSError:
+        available = None
+    return total, available
+
+
+def human_bytes(n: int) -> str:
+    """A byte count for a message: 12.0 KiB, 3.4 MiB, 1.5 GiB (or 3.10e+21 bytes beyond what GiB reads well)."""
+    if n >= 2**70:
+        return f"{n:.2e} bytes"
+    unit = next(u for u in (3, 2, 1, 0) if n >= 2 ** (10 * u) or u == 0)
+    return f"{n / 2 ** (10 * unit):,.1f} {('bytes', 'KiB', 'MiB', 'GiB')[unit]}" if unit else f"{n} bytes"

@@ -5,6 +5,21 @@ versions, and `depthlab.provenance`'s date, command, device, dtype and model ori
 written atomically to ``metrics/<name>.json`` and merged into ``results.json`` at once, so an interrupted run keeps
 its work; a rerun with the same model weights, token samples and settings skips what is done. A metric that fails
 is recorded under ``errors`` and the others still run; the run then ends with an AnalysisError.
+
+Before the baseline pass, `plan_memory` compares a rough estimate with the state device's available memory (e the
+element size of the model's dtype, B the micro-batch, N this rank's sequences of T tokens, L blocks of width d with
+h heads, vocabulary V):
+
+    states  S = e·T·d·(L+1 + 2L if variance runs) + 4·(T−1)   one sequence's cached baseline: h_0..h_L, the
+                                                             branch outputs variance asks for, the fp32 NLL
+    work    = weights + B·S + e·B·T·(16·d + h·T) + 4·B·T·V     resident weights, one micro-batch's states and
+                                                             block intermediates (FFN, attention probabilities),
+                                                             its logits
+    cache   = N·S, kept while it fits --cache-budget
+
+A working set beyond the memory available (plus the weights, already loaded) is refused in one line before anything
+is computed or written; a cache beyond the budget, or beyond what the working set leaves, is said once and capped
+there: the states past the cap are recomputed for each metric (identical results, slower).
 """
 
 from __future__ import annotations
@@ -19,7 +34,11 @@ from depthlab.analysis.defaults import NEAR_IDENTITY_ANGLE, default_fit_samples
 from depthlab.analysis.results import to_jsonable
 from depthlab.errors import AnalysisError
 from depthlab.fileio import atomic_write_text, dumps_json
+from depthlab.precision import device_memory, human_bytes
 from depthlab.provenance import peak_memory, provenance, versions
+
+BRANCH_STATE_METRICS = ("variance",)
+"""Metrics whose baselines also hold every block's branch outputs (``Engine.baselines(branches=True)``)."""
 
 
 def run_analysis(model: str, out_dir: str | Path, *, metrics=None, data: str | None = None, num_samples: int = 8,
@@ -70,6 +89,8 @@ def run_analysis(model: str, out_dir: str | Path, *, metrics=None, data: str | N
     for sampled in (ids, fit_ids):  # bad samples are reported before anything is written
         if sampled is not None:
             validate_ids(sampled, view)
+    cache_bytes = plan_memory(net, view, -(-ids.shape[0] // world), seq_len, micro_batch_size, cache_bytes,
+                              branches=any(name in BRANCH_STATE_METRICS for name in names), log=log)
     identity = {"model": {"ref": str(model), "class": type(net).__name__, "weights_sha256": weights_hash(net),
                           "n_layers": view.n_layers, "d_model": view.d_model},
                 "sample": sample,
@@ -128,6 +149,37 @@ def run_analysis(model: str, out_dir: str | Path, *, metrics=None, data: str | N
         failed = ", ".join(f"{k} ({v})" for k, v in results["errors"].items())
         raise AnalysisError(f"metrics failed: {failed}; the others are saved in {out}")
     return results
+
+
+def plan_memory(net, view, num_sequences: int, seq_len: int, micro_batch_size: int, cache_bytes: int, *,
+                branches: bool, log=print) -> int:
+    """The cache cap to run with: `cache_bytes`, or less when the cached states would not fit next to the working
+    set (said once through `log`); a one-line AnalysisError when the working set itself cannot fit (module docstring
+    has the estimate)."""
+    from depthlab.model.dispatch import execution_device
+
+    device = execution_device(net if view.embedding is None else view.embedding)
+    e = next(net.parameters()).element_size()
+    T, d, L, B = seq_len, view.d_model, view.n_layers, min(micro_batch_size, num_sequences)
+    per_sequence = e * T * d * (L + 1 + (2 * L if branches else 0)) + 4 * (T - 1)
+    weights = sum(p.numel() * p.element_size() for p in net.parameters() if p.device.type == device.type)
+    work = weights + B * per_sequence + e * B * T * (16 * d + (view.n_heads or 1) * T) + 4 * B * T * view.vocab_size
+    available = device_memory(device)[1]
+    if available is None:
+        return cache_bytes
+    have = available + weights  # the weights are loaded already: what `available` lacks of them is theirs
+    if work > have:
+        raise AnalysisError(f"analysis needs about {human_bytes(work)} on {device} ({human_bytes(weights)} of weights and "
+                            f"{human_bytes(work - weights)} for one micro-batch of {B}x{T} tokens) but {human_bytes(have)} is "
+                            "available: lower --micro-batch-size (or --num-samples, --seq-len), or offload the "
+                            "model with --device-map auto --offload-folder DIR")
+    cache = num_sequences * per_sequence
+    cap = min(cache_bytes, have - work)
+    if cache > cap:
+        why = "--cache-budget" if cap == cache_bytes else "the memory left next to the working set"
+        log(f"cache: the baseline states of {num_sequences}x{T} tokens need about {human_bytes(cache)}, {why} allows "
+            f"{human_bytes(cap)}: states beyond it are recomputed for each metric")
+    return cap
 
 
 def _resume(out: Path, identity: dict) -> dict:

@@ -18,13 +18,12 @@ not fit on a busy one.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from depthlab.config import Config
 from depthlab.errors import ConfigError
 from depthlab.model.params import human, param_counts
+from depthlab.precision import device_memory, human_bytes
 
 
 def estimate_bytes(cfg: Config, micro_batch: int) -> tuple[int, int]:
@@ -35,25 +34,11 @@ def estimate_bytes(cfg: Config, micro_batch: int) -> tuple[int, int]:
     return params, 16 * params + 4 * micro_batch * m.seq_len * per_token
 
 
-def machine_bytes(device: torch.device) -> int | None:
-    """Total memory of the device (GPU memory for CUDA, physical RAM otherwise); None when unknown."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (OSError, ValueError):
-        return None
-
-
 def check_fits(cfg: Config, micro_batch: int, device: torch.device) -> None:
     """Raise a one-line ConfigError when the estimate exceeds the device's total memory."""
     params, need = estimate_bytes(cfg, micro_batch)
-    have = machine_bytes(device)
+    have = device_memory(device)[0]
     if have is not None and need > have:
-        raise ConfigError(f"this config needs about {_gib(need)} on {device} ({human(params)} parameters, micro-batch "
-                          f"{micro_batch}x{cfg.model.seq_len} tokens) but the machine has {_gib(have)}: shrink "
+        raise ConfigError(f"this config needs about {human_bytes(need)} on {device} ({human(params)} parameters, micro-batch "
+                          f"{micro_batch}x{cfg.model.seq_len} tokens) but the machine has {human_bytes(have)}: shrink "
                           "model.* sizes, trainer.micro_batch_size or model.seq_len")
-
-
-def _gib(n: int) -> str:
-    return f"{n / 2**30:,.1f} GiB" if n < 2**70 else f"{n:.2e} bytes"
