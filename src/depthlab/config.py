@@ -238,6 +238,9 @@ class TrainerConfig:
 class LoggingConfig:
     tensorboard: bool = True
     """Also write TensorBoard event files when tensorboard is installed."""
+    profile_every: int = at_least(10, 0)
+    """Draw the per-layer profile figure (``profile/layers`` in TensorBoard / W&B) at every N-th statistics line,
+    the first included; 0 never. A figure costs about a second of CPU, more than a tiny model's training step."""
     wandb_project: str = ""
     """Weights & Biases project; empty disables W&B."""
     wandb_mode: str = one_of("offline", ("offline", "online"))

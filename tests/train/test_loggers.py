@@ -37,7 +37,8 @@ def test_tensorboard_gets_every_layer_statistic_and_a_profile(tiny_dataset, tmp_
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run = tmp_path / "run"
-    train(tiny_config(tiny_dataset, "--trainer.max_steps=3", "--logging.tensorboard=true"), run)
+    train(tiny_config(tiny_dataset, "--trainer.max_steps=6", "--logging.tensorboard=true",
+                      "--logging.profile_every=2"), run)
     events = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0, "images": 0}).Reload()
     tags = events.Tags()
     line = _stats_lines(run)[-1]
@@ -47,7 +48,9 @@ def test_tensorboard_gets_every_layer_statistic_and_a_profile(tiny_dataset, tmp_
     logged = {e.step: e.value for e in events.Scalars("out_var/layer_01")}
     assert logged[line["step"]] == pytest.approx(line["layers"][1]["out_var"], rel=1e-6)
     assert "profile/layers" in tags["images"]
-    assert [e.step for e in events.Images("profile/layers")] == [r["step"] for r in _stats_lines(run)]
+    lines = [r["step"] for r in _stats_lines(run)]
+    assert lines == [1, 3, 6]
+    assert [e.step for e in events.Images("profile/layers")] == [1, 6]  # every second line, the first included
 
 
 def test_wandb_gets_the_same_keys(tiny_dataset, tmp_path, monkeypatch):
@@ -65,7 +68,9 @@ def test_wandb_gets_the_same_keys(tiny_dataset, tmp_path, monkeypatch):
     for step, data in logged:
         at_step.setdefault(step, {}).update(data)
     assert {k: at_step[line["step"]][k] for k in expected} == expected
-    assert at_step[line["step"]]["profile/layers"][0] == "image"
+    first = _stats_lines(run)[0]["step"]
+    assert at_step[first]["profile/layers"][0] == "image"  # logging.profile_every=10: the first line only
+    assert "profile/layers" not in at_step[line["step"]]
 
 
 def test_a_missing_logger_is_one_warning_line(tiny_dataset, tmp_path, monkeypatch, capsys):

@@ -8,6 +8,9 @@ researchers already watch show depth-resolved quantities as they train:
   ``attn_norm/layer_00``, ``weight_sparsity``..., ``moe_imbalance/layer_01``), the whole-model values as
   ``stats/{key}`` (``stats/final_norm_var``), a per-layer list (an MoE layer's expert load) as a histogram, and one
   profile figure ``profile/layers`` with a panel per statistic: the value against the layer index at that step.
+  The figure is drawn at every ``logging.profile_every``-th statistics line only: matplotlib takes about a second
+  per figure on a CPU, longer than a tiny model's training step, so one per line cost the tiny studies ≈5% of
+  their time (benchmarks/train_throughput.py measures it).
 
 Whatever keys the statistics carry are logged, so new statistics appear without touching this module. A logger that
 is requested but not installed is a one-line warning, never a failed run.
@@ -92,6 +95,7 @@ class Loggers:
 
     def __init__(self, cfg, run_dir: Path):
         self._tb = self._wandb = None
+        self._profile_every, self._stats_lines = cfg.logging.profile_every, 0
         if cfg.logging.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -117,7 +121,9 @@ class Loggers:
         if not (self._tb or self._wandb):
             return
         scalars, lists = layer_scalars(record)
-        self._log(scalars, lists, record["step"], profile_figure(record) if record.get("layers") else None)
+        draw = bool(self._profile_every and record.get("layers") and self._stats_lines % self._profile_every == 0)
+        self._stats_lines += 1
+        self._log(scalars, lists, record["step"], profile_figure(record) if draw else None)
 
     def _log(self, scalars: dict, lists: dict, step: int, figure) -> None:
         if self._tb is not None:
