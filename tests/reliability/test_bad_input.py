@@ -14,6 +14,7 @@ dataset's text corpus, {ro} a read-only folder.
 
 from __future__ import annotations
 
+import argparse
 import inspect
 import subprocess
 import sys
@@ -23,6 +24,7 @@ import pytest
 
 from depthlab import config as cfgmod
 from depthlab.cli import main
+from depthlab.cli.common import Number
 from depthlab.errors import ConfigError
 from tests.reliability.conftest import snapshot
 
@@ -89,6 +91,50 @@ def _option_cases() -> list[tuple[str, str]]:
 
 
 OPTION_CASES = _option_cases()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generated: every numeric option of every subcommand (a `common.Number`, whose bound is declared beside it) ×
+# boundary values; the parser refuses them, so each case is validate-only by construction
+
+
+def _subcommands() -> dict[str, argparse.ArgumentParser]:
+    """Every leaf subcommand's parser by its name ("eval", "data prepare", ...)."""
+    from depthlab.cli import build_parser
+
+    found, todo = {}, [((), build_parser())]
+    while todo:
+        path, parser = todo.pop()
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs and path:
+            found[" ".join(path)] = parser
+        for action in subs:
+            todo += [((*path, name), sub) for name, sub in action.choices.items()]
+    return found
+
+
+def _bad_numbers(number: Number) -> list[str]:
+    """Values a `Number` option must refuse: wrong type, empty, NaN, ±inf, huge, and 0/−1/beyond its bound."""
+    values = ["abc", "", "nan", "inf", "-inf"] + (["1.5", str(2**64)] if number.kind is int else ["1e400"])
+    for v in (0, -1, *((number.bound.hi + 1,) if number.bound.hi is not None else ())):
+        try:
+            number(str(v))
+        except argparse.ArgumentTypeError:
+            values.append(str(v))
+    return values
+
+
+NUMERIC_OPTIONS = {(name, max(a.option_strings, key=len), a.type) for name, parser in _subcommands().items()
+                   for a in parser._actions if isinstance(a.type, Number)}
+NUMERIC_CASES = sorted((name, flag, value) for name, flag, number in NUMERIC_OPTIONS for value in _bad_numbers(number))
+
+
+def _positionals(name: str) -> list[str]:
+    """Placeholder values for a subcommand's positional arguments (parsing stops at the bad option first)."""
+    parser = _subcommands()[name]
+    return [a.choices and next(iter(a.choices)) or "x" for a in parser._actions
+            if not a.option_strings and not isinstance(a, argparse._SubParsersAction)
+            and a.nargs not in ("?", "*", argparse.REMAINDER)]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -184,12 +230,7 @@ CASES = [
     (["sample", "{t}/empty"], "neither a depthlab run"),
     (["sample", "{t}/hfbad"], "not a valid JSON"),
     (["sample", "{t}/hfnoweights"], "safetensors"),
-    (["sample", "{run}", "--max-new-tokens", "0"], "--max-new-tokens"),
     (["sample", "{run}", "--max-new-tokens", "100000"], "exceed the model's context"),
-    (["sample", "{run}", "--temperature", "-1"], "--temperature"),
-    (["sample", "{run}", "--temperature", "nan"], "--temperature"),
-    (["sample", "{run}", "--temperature", "inf"], "--temperature"),
-    (["sample", "{run}", "--seed", str(2**70)], "--seed"),
     (["export", "{t}/empty", "--out", "{t}/hf"], "is not a depthlab run"),
     # never replace what was not asked for
     (["export", "{run}", "--out", "{run}"], "exists and is not empty"),
@@ -223,14 +264,19 @@ CASES = [
     # evaluation: task names, numeric ranges
     (["eval", "{run}", "--tasks", "nope"], "unknown task(s) nope"),
     (["eval", "{run}", "--tasks", "piqa,nope"], "unknown task(s) nope"),
-    (["eval", "{run}", "--tasks", "piqa", "--limit", "0"], "--limit"),
     (["eval", "{run}", "--tasks", "piqa", "--log-samples"], "give --out"),
     (["eval", "{run}", "--ppl-data", "{t}/missing"], "not found"),
-    (["eval", "{run}", "--ppl-data", "shakespeare", "--ppl-context", "0"], "--ppl-context"),
-    (["eval", "{run}", "--ppl-data", "shakespeare", "--ppl-stride", "-1"], "--ppl-stride"),
-    (["eval", "{run}", "--tasks", "piqa", "--limit", "2", "--batch-size", "0"], "batch_size"),
-    (["eval", "{run}", "--tasks", "piqa", "--limit", "2", "--max-batch-tokens", "0"], "max_tokens"),
     (["eval", "{run}", "--tasks", "copa", "--device", "cuda"], "CUDA is not available"),
+    (["eval", "{run}", "--tasks", ""], "no tasks given"),
+    (["eval", "{run}", "--tasks", "piqa", "--limit", "2", "--ppl-data", ""], "--ppl-data is empty"),
+    (["eval", "{run}", "--tasks", "piqa", "--limit", "2", "--json", ""], "--json is empty"),
+    (["eval", "{run}", "--tasks", "piqa", "--limit", "2", "--json", "{t}/afile/x.json"], "is a file"),
+    (["eval", "{run}", "--tasks", "piqa", "--num-fewshot", "100000", "--limit", "2"], "at most"),
+    (["eval", "{run}", "--ppl-data", "shakespeare", "--ppl-context", "100000"], "context_length must be in"),
+    (["eval", "{run}", "--tasks", "piqa", "--limit", "2", "--device", ""], "unknown device ''"),
+    (["eval", "{run}", "--tasks", "piqa", "--limit", "2", "--backend", "nope"], "invalid choice"),
+    (["sample", "{run}", "--device", ""], "unknown device ''"),
+    (["sample", "{run}", "--json", ""], "--json is empty"),
     (["eval", "{t}/missing", "--tasks", "piqa"], "no such model"),
     # study specs: structure and the type of every field
     (["study", "run", "nope", "--out", "{t}/s"], "unknown study 'nope'"),
@@ -337,8 +383,8 @@ def check_refused(argv: list[str], message: str, ws, dataset, capsys) -> None:
     assert snapshot(ws[0]) == before, "a rejected command changed the workspace"
 
 
-N_CASES = (len(CONFIG_CASES) * len(CONFIG_COMMANDS) + len(OPTION_CASES) + len(OUT_CASES) + len(FILE_OUT_CASES)
-           + len(MODEL_CASES) + len(CASES))
+N_CASES = (len(CONFIG_CASES) * len(CONFIG_COMMANDS) + len(OPTION_CASES) + len(NUMERIC_CASES) + len(OUT_CASES)
+           + len(FILE_OUT_CASES) + len(MODEL_CASES) + len(CASES))
 """The size of the matrix (docs/reliability.md states it)."""
 
 
@@ -348,6 +394,9 @@ def test_matrix_covers_every_subcommand_and_config_key():
     exercised = {argv[0] for argv, _ in CASES} | {c.split()[0] for c in [*WRITERS, *READERS, *CONFIG_COMMANDS]}
     assert {name for name, _ in COMMANDS} <= exercised | {"recipe"}
     assert {key for key, _ in CONFIG_CASES} == set(cfgmod.all_keys())
+    for name in ("eval", "sample"):  # every numeric option of these declares its range (a Number, not a bare int)
+        bare = [max(a.option_strings, key=len) for a in _subcommands()[name]._actions if a.type in (int, float)]
+        assert not bare, f"{name}: {bare} have no declared range"
     assert N_CASES >= 1500, N_CASES
 
 
@@ -361,6 +410,12 @@ def test_config_key_boundary_values(command, key, value, ws, tiny_dataset, capsy
 def test_analysis_option_types(option, value, ws, tiny_dataset, capsys):
     check_refused(["analyze", "{run}", "--option", f"{option}={value}", "--out", "{t}/a"], f"option {option}",
                   ws, tiny_dataset, capsys)
+
+
+@pytest.mark.parametrize("command, flag, value", NUMERIC_CASES, ids=[f"{c} {f}={v[:12]}" for c, f, v in NUMERIC_CASES])
+def test_numeric_option_boundary_values(command, flag, value, ws, tiny_dataset, capsys):
+    check_refused([*command.split(), *_positionals(command), f"{flag}={value}"], f"argument {flag}", ws,
+                  tiny_dataset, capsys)
 
 
 @pytest.mark.parametrize("command, out, message", OUT_CASES, ids=[f"{c} {o[:20]}" for c, o, _ in OUT_CASES])

@@ -17,6 +17,36 @@ MODEL_HELP = ("a depthlab run or checkpoint folder, a Hugging Face model folder 
               "'smollm2' (the bundled SmolLM2-135M-Instruct, a Q4_1 GGUF dequantised to fp32)")
 
 
+class Number:
+    """An argparse type for a numeric option with its valid range declared beside it (a `depthlab.config.Bound`,
+    the one definition of a range): an int within int64, or a finite float, within the bound. A value outside is
+    refused in one line while parsing, before anything is loaded or written, and the bad-input matrix generates
+    its cases from `bound`."""
+
+    def __init__(self, kind: type, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False):
+        from depthlab.config import Bound
+
+        self.kind, self.bound = kind, Bound(lo, hi, lo_open)
+        self.__name__ = kind.__name__  # argparse names the type in "invalid int value: 'abc'"
+
+    def __call__(self, text: str):
+        import math
+
+        from depthlab.config import INT64_MAX
+
+        value = self.kind(text)  # a ValueError becomes argparse's one line
+        if self.kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+        if self.kind is int and abs(value) > INT64_MAX:
+            raise argparse.ArgumentTypeError(f"must be at most {INT64_MAX} in magnitude (int64), got {text}")
+        if self.bound.lo is not None or self.bound.hi is not None:
+            below = self.bound.lo is not None and (value <= self.bound.lo if self.bound.lo_open
+                                                   else value < self.bound.lo)
+            if below or self.bound.hi is not None and value > self.bound.hi:
+                raise argparse.ArgumentTypeError(f"must be {self.bound.describe()}, got {text}")
+        return value
+
+
 def add_model(p: argparse.ArgumentParser, *, dest: str = "model") -> None:
     p.add_argument(dest, metavar="MODEL", help=MODEL_HELP)
 
@@ -56,7 +86,7 @@ def add_json(p: argparse.ArgumentParser, what: str = "the result") -> None:
 
 
 def add_seed(p: argparse.ArgumentParser, what: str = "sampling seed", default: int = 0) -> None:
-    p.add_argument("--seed", type=int, default=default, help=f"{what} (default {default})")
+    p.add_argument("--seed", type=Number(int, 0), default=default, help=f"{what} (default {default})")
 
 
 def add_quiet(p: argparse.ArgumentParser) -> None:

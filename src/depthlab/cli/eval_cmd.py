@@ -20,19 +20,19 @@ def register(sub, help_: str) -> None:
     common.add_model(p)
     p.add_argument("--tasks", help="comma-separated task names or 'all' (default: all, unless only --ppl-data is "
                    "given)")
-    p.add_argument("--limit", type=int, help="score only the first N examples of each task (a fixed subset)")
-    p.add_argument("--num-fewshot", type=int, default=0, metavar="K",
+    p.add_argument("--limit", type=common.Number(int, 1), help="score only the first N examples of each task (a fixed subset)")
+    p.add_argument("--num-fewshot", type=common.Number(int, 0), default=0, metavar="K",
                    help="answered examples before each prompt (default 0; mmlu: the first K dev questions of the "
                    "subject, at most 5; others: K other documents of the split, chosen with --seed)")
     common.add_seed(p, "seed of the few-shot choice (lm-eval's default)", default=1234)
     p.add_argument("--ppl-data", help="also measure perplexity on: 'shakespeare' (bundled held-out plays), a "
                    "prepared dataset folder (its val split), or a .txt/.jsonl/.parquet file")
-    p.add_argument("--ppl-context", type=int, help="perplexity window in tokens (default: the model's context)")
-    p.add_argument("--ppl-stride", type=int, help="how far perplexity windows advance (default: the window, i.e. "
+    p.add_argument("--ppl-context", type=common.Number(int, 1), help="perplexity window in tokens (default: the model's context)")
+    p.add_argument("--ppl-stride", type=common.Number(int, 1), help="how far perplexity windows advance (default: the window, i.e. "
                    "no overlap)")
-    p.add_argument("--batch-size", type=int, default=64, help="at most this many rows per forward pass (default 64; "
+    p.add_argument("--batch-size", type=common.Number(int, 1), default=64, help="at most this many rows per forward pass (default 64; "
                    "with --backend lm-eval: its batch size)")
-    p.add_argument("--max-batch-tokens", type=int, default=2048, help="at most this many padded tokens per forward "
+    p.add_argument("--max-batch-tokens", type=common.Number(int, 1), default=2048, help="at most this many padded tokens per forward "
                    "pass (default 2048; raise it on a GPU)")
     common.add_dtype(p)
     common.add_device(p)
@@ -52,14 +52,12 @@ def run(args) -> int:
     from depthlab.eval import evaluate, format_table, save_results
     from depthlab.eval.tasks import check_fewshot, resolve_tasks
 
-    tasks = args.tasks or (None if args.ppl_data else "all")
+    if args.ppl_data == "":  # argparse hands an empty value through; it would silently mean "no perplexity"
+        raise EvalError("--ppl-data is empty: give 'shakespeare', a dataset folder or a text file")
+    tasks = args.tasks if args.tasks is not None else (None if args.ppl_data else "all")
     # fail on a bad task name or few-shot count before spending time loading the model
     for name in resolve_tasks(tasks) if tasks is not None else []:
         check_fewshot(name, args.num_fewshot)
-    for flag, value, unit in (("--limit", args.limit, "examples"), ("--ppl-context", args.ppl_context, "tokens"),
-                              ("--ppl-stride", args.ppl_stride, "tokens")):
-        if value is not None and value < 1:  # 0 would otherwise silently mean "the default"
-            raise EvalError(f"{flag} must be a positive number of {unit}, got {value}")
     if args.log_samples and not args.out:
         raise EvalError("--log-samples writes files: give --out DIR")
     if args.backend == "lm-eval" and args.ppl_data:

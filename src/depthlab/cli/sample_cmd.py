@@ -10,9 +10,9 @@ def register(sub, help_: str) -> None:
                        "Hugging Face folder or hub id, GGUF file, or 'smollm2').")
     common.add_model(p)
     p.add_argument("--prompt", default="ROMEO:", help="text to continue (default: %(default)r)")
-    p.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate (default: %(default)s)")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy (default: %(default)s)")
-    p.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=common.Number(int, 1), default=100, help="tokens to generate (default: %(default)s)")
+    p.add_argument("--temperature", type=common.Number(float, 0), default=0.8, help="0 for greedy (default: %(default)s)")
+    p.add_argument("--top-k", type=common.Number(int, 0), default=50, help="sample from the k most likely tokens (default: %(default)s)")
     common.add_seed(p)
     common.add_device(p)
     common.add_dtype(p)
@@ -21,18 +21,11 @@ def register(sub, help_: str) -> None:
 
 
 def run(args) -> int:
-    import math
-
-    from depthlab.config import INT64_MAX
     from depthlab.errors import ConfigError
     from depthlab.loading import load_model
     from depthlab.model.generate import generate_text
     from depthlab.model.view import ModelView
 
-    if args.max_new_tokens < 1 or not 0 <= args.temperature < math.inf or args.top_k < 0:
-        raise ConfigError("--max-new-tokens must be >= 1, --temperature a finite number >= 0 and --top-k >= 0")
-    if not 0 <= args.seed <= INT64_MAX:
-        raise ConfigError(f"--seed must be in [0, {INT64_MAX}], got {args.seed}")
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
     context = ModelView(model).context
     prompt_tokens = len(tokenizer.encode(args.prompt))
