@@ -1,41 +1,57 @@
-"""Training throughput: depthlab's Transformer vs Hugging Face LlamaForCausalLM, same shape, same batches, one run.
+"""Training throughput: depthlab's Transformer, eager and compiled, vs Hugging Face LlamaForCausalLM, in one run.
 
-For each shape, both models train (forward + backward + AdamW step) on identical token batches, interleaved
-repeat by repeat after a warm-up, so machine load affects both alike. Reports tokens/s, the ratio, and model-FLOPs
-utilisation (6·N_matmul + 12·L·d·T FLOPs per token, see depthlab.model.params) against the measured matmul peak of the
-dtype used.
+For each shape three trainers step (forward + backward + gradient clipping + AdamW, what `depthlab train` does per
+step) on identical token batches, interleaved step by step after a warm-up, so machine load affects all alike:
 
-    python benchmarks/train_throughput.py                 # CPU shapes, writes a Markdown table to stdout
+- depthlab eager;
+- depthlab under ``torch.compile`` (inductor; C++ on CPU). Its first step (the compilation) is timed separately and
+  amortised over a ``--run-steps`` run (600: the tiny studies' length) in the "600-step" column;
+- HF ``LlamaForCausalLM`` built from the same weights (`depthlab.model.hf.to_hf`), eager, SDPA attention.
+
+Each row also measures the per-layer statistics of the trainer (`depthlab.train.stats.LayerStats` hooks, the one
+host sync of ``finish``, the layer_stats.jsonl line and the TensorBoard logger with its profile figure) as the extra
+time of a statistics step over a plain step of the CPU default (`trainer.compile: auto`), spread over
+``--stats-interval`` steps (20: the tiny preset and studies), as a fraction of a plain step; the logger's share is
+shown beside it.
+
+MFU counts 6·N_matmul + 12·L·d·T FLOPs per token (`depthlab.model.params`) against the matmul peak of the dtype
+measured at the start of the run. The 1-minute load average before and after is printed: a run beside other jobs
+is not a measurement, and only the ratios of one run compare.
+
+    python benchmarks/train_throughput.py                 # the tiny study shapes: d128 T128 b32, L = 2, 4, 8, 16
+    python benchmarks/train_throughput.py --shapes cpu-large
     python benchmarks/train_throughput.py --device cuda --shapes gpu
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
+import os
 import platform
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
-from depthlab.config import ModelConfig, OptimizerConfig
+from depthlab.config import Config, TrainerConfig, load_config
 from depthlab.model.hf import to_hf
 from depthlab.model.params import param_counts
 from depthlab.model.transformer import Transformer
 from depthlab.precision import resolve_dtype
+from depthlab.train.loggers import Loggers
 from depthlab.train.optim import build_optimizer
+from depthlab.train.stats import LayerStats
+from depthlab.train.trainer import JsonlLog
 
-SHAPES = {
-    "cpu": [  # (name, d, L, heads, T, batch)
-        ("tiny d128 L4 T128", 128, 4, 4, 128, 32),
-        ("d512 L8 T512", 512, 8, 8, 512, 4),
-        ("d1024 L16 T512", 1024, 16, 16, 512, 1),
-    ],
-    "gpu": [
-        ("d512 L8 T512", 512, 8, 8, 512, 32),
-        ("d1024 L16 T512", 1024, 16, 16, 512, 16),
-        ("d2048 L16 T1024", 2048, 16, 16, 1024, 8),
-    ],
+SHAPES = {  # (d, L, heads, T, batch); vocab None = the tiny preset's data.vocab_size (what the tiny studies train)
+    "study": [(128, L, 4, 128, 32) for L in (2, 4, 8, 16)],
+    "cpu-large": [(512, 8, 8, 512, 4), (1024, 16, 16, 512, 1)],
+    "gpu": [(512, 8, 8, 512, 32), (1024, 16, 16, 512, 16), (2048, 16, 16, 1024, 8)],
 }
 
 
@@ -57,71 +73,141 @@ def matmul_peak(device, dtype, n=1024, repeats=3) -> float:
     return 2 * n**3 / best
 
 
-def step_fn(model, optimizer, batch, device, dtype, hf: bool):
-    x, y = batch
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-        if hf:
-            logits = model(input_ids=x, use_cache=False).logits
-            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-        else:
-            loss = model(x, y).loss
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+class Stepper:
+    """One model with its optimizer, stepping the way the trainer does (clipping, one loss sync per step)."""
+
+    def __init__(self, model, cfg: Config, hf: bool = False, compiled: bool = False):
+        self.base, self.hf, self.cfg = model, hf, cfg
+        self.optimizer = build_optimizer(model, cfg.optimizer)
+        self.model = torch.compile(model) if compiled else model  # as `depthlab train` with trainer.compile
+
+    def step(self, x, y, autocast, stats: LayerStats | None = None) -> float:
+        with autocast, stats.attached(self.base) if stats is not None else contextlib.nullcontext():
+            if self.hf:
+                logits = self.model(input_ids=x, use_cache=False).logits
+                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+            else:
+                loss = self.model(x, y).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.base.parameters(), self.cfg.optimizer.grad_clip)
+        value = loss.item()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return value
 
 
-def bench_shape(name, d, L, heads, T, batch, device, dtype, repeats) -> dict:
-    cfg = ModelConfig(vocab_size=32000, d_model=d, n_layers=L, n_heads=heads, seq_len=T)
+def timed(device, fn, *args) -> float:
+    sync(device)
+    t = time.perf_counter()
+    fn(*args)
+    sync(device)
+    return time.perf_counter() - t
+
+
+def stats_line(stepper: Stepper, batch, autocast, cfg: Config, step: int, log: JsonlLog) -> dict:
+    """A statistics step as the trainer takes it: hooked forward, the step, the one sync, the layer_stats line."""
+    stats = LayerStats(cfg.model.n_layers, batch[0].device, moments=cfg.trainer.stats_moments)
+    stepper.step(*batch, autocast, stats)
+    record = {"step": step, "tokens": step * batch[0].numel(), **stats.finish()}
+    log.write(record)
+    return record
+
+
+def bench_shape(base: Config, shape, device, dtype, repeats: int, stats_interval: int, run_steps: int,
+                tmp: Path) -> dict:
+    d, L, heads, T, batch = shape
+    cfg = copy.deepcopy(base)
+    cfg.model.d_model, cfg.model.n_layers, cfg.model.n_heads, cfg.model.seq_len = d, L, heads, T
+    cfg.model.vocab_size = cfg.model.vocab_size or cfg.data.vocab_size
+    V = cfg.model.vocab_size
     torch.manual_seed(0)
-    ours = Transformer(cfg)
+    ours = Transformer(cfg.model)
     hf = to_hf(ours).to(device)
     hf.config._attn_implementation = "sdpa"
-    ours = ours.to(device)
-    opts = {"ours": build_optimizer(ours, OptimizerConfig()), "hf": build_optimizer(hf, OptimizerConfig())}
-    batches = [(torch.randint(0, 32000, (batch, T), device=device),) * 2 for _ in range(repeats + 1)]
-    times = {"ours": [], "hf": []}
-    for i, b in enumerate(batches):
-        for key, model in (("ours", ours), ("hf", hf)):
-            sync(device)
-            t = time.perf_counter()
-            step_fn(model, opts[key], b, device, dtype, hf=key == "hf")
-            sync(device)
-            if i:  # the first step of each is warm-up
-                times[key].append(time.perf_counter() - t)
-    tokens = batch * T
-    flops = param_counts(cfg).flops_per_token * tokens
-    result = {"shape": name, "tokens_per_step": tokens}
-    for key, samples in times.items():
-        med = statistics.median(samples)
-        result[f"{key}_tok_s"] = tokens / med
-        result[f"{key}_flops"] = flops / med
-    return result
+    twin = Transformer(cfg.model)
+    twin.load_state_dict(ours.state_dict())
+    steppers = {"eager": Stepper(ours.to(device), cfg), "compiled": Stepper(twin.to(device), cfg, compiled=True),
+                "hf": Stepper(hf, cfg, hf=True)}
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, V, (batch, T + 1), generator=gen).to(device) for _ in range(repeats + 2)]
+    xy = [(b[:, :-1], b[:, 1:]) for b in batches]
+
+    first = {k: timed(device, s.step, *xy[0], autocast) for k, s in steppers.items()}
+    losses = {k: s.step(*xy[1], autocast) for k, s in steppers.items()}  # second step: same batch, same weights
+    default = steppers["compiled" if TrainerConfig().compile else "eager"]
+    tmp.mkdir(parents=True)
+    log = JsonlLog(tmp / "layer_stats.jsonl", None)
+    record = stats_line(default, xy[1], autocast, cfg, 0, log)  # warm-up (compiled: the hooked graph compiles)
+    times = {k: [] for k in steppers}
+    stats_times = []
+    for i, b in enumerate(xy[2:]):
+        for key, s in steppers.items():
+            times[key].append(timed(device, s.step, *b, autocast))
+        stats_times.append(timed(device, stats_line, default, b, autocast, cfg, i + 1, log))
+    log.close()
+    # The loggers over one whole cycle of logging.profile_every lines (one draws the profile figure), per line.
+    loggers = Loggers(cfg, tmp)
+    cycle = max(cfg.logging.profile_every, 1)
+    logger_s = timed(device, lambda: [loggers.layer_stats({**record, "step": k}) for k in range(cycle)]) / cycle
+    loggers.close()
+
+    med = {k: statistics.median(v) for k, v in times.items()}
+    flops = param_counts(cfg.model).flops_per_token * batch * T
+    plain = med["compiled" if default is steppers["compiled"] else "eager"]
+    compile_s = first["compiled"] - med["compiled"]
+    return {
+        "shape": f"d{d} L{L} T{T} b{batch} V{V}", "tokens": batch * T, "med": med, "flops": flops,
+        "compile_s": compile_s,
+        "run_ratio": (run_steps * med["hf"]) / (compile_s + run_steps * med["compiled"]),
+        "stats": (statistics.median(stats_times) - plain + logger_s) / stats_interval / plain,
+        "logger": logger_s / stats_interval / plain,
+        "loss_gap": max(abs(losses["compiled"] - losses["eager"]), abs(losses["hf"] - losses["eager"])),
+    }
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--shapes", choices=list(SHAPES), default=None)
+    p.add_argument("--shapes", choices=list(SHAPES), default=None, help="study on CPU, gpu on CUDA")
+    p.add_argument("--layers", default="", help="only these depths, e.g. 2,4 (default: every shape of --shapes)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5, help="timed steps per trainer and shape, after 2 warm-up steps")
+    p.add_argument("--stats-interval", type=int, default=None, help="default: the tiny preset's (20)")
+    p.add_argument("--run-steps", type=int, default=600, help="run length the compile time is amortised over")
     args = p.parse_args()
     device = torch.device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    shapes = SHAPES[args.shapes or ("gpu" if device.type == "cuda" else "cpu")]
-    peaks = {str(dt).removeprefix("torch."): matmul_peak(device, dt) / 1e9 for dt in (torch.float32, torch.bfloat16)}
-    peak = peaks[str(dtype).removeprefix("torch.")] * 1e9
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}"
-          + (f", {torch.cuda.get_device_name()}" if device.type == "cuda" else ""))
-    print("measured matmul peak (1024³): " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in peaks.items()))
-    print(f"training dtype: {str(dtype).removeprefix('torch.')}\n")
-    print("| shape | tokens/step | depthlab tok/s | HF Llama tok/s | ratio | depthlab MFU | HF MFU |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for shape in shapes:
-        r = bench_shape(*shape, device, dtype, args.repeats)
-        print(f"| {r['shape']} | {r['tokens_per_step']} | {r['ours_tok_s']:,.0f} | {r['hf_tok_s']:,.0f} | "
-              f"{r['ours_tok_s'] / r['hf_tok_s']:.2f}x | {100 * r['ours_flops'] / peak:.1f}% | "
-              f"{100 * r['hf_flops'] / peak:.1f}% |", flush=True)
+    base = load_config("tiny")
+    base.logging.tensorboard = True
+    interval = args.stats_interval or base.trainer.stats_interval
+    shapes = SHAPES[args.shapes or ("gpu" if device.type == "cuda" else "study")]
+    if args.layers:
+        shapes = [s for s in shapes if str(s[1]) in args.layers.split(",")]
+    load_before = os.getloadavg()
+    name = str(dtype).removeprefix("torch.")
+    peak = matmul_peak(device, dtype)
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}, CPU capability "
+          f"{torch.backends.cpu.get_cpu_capability()}" + (f", {torch.cuda.get_device_name()}" if device.type == "cuda"
+                                                         else ""))
+    print(f"load average (1/5/15 min) before: {' '.join(f'{v:.2f}' for v in load_before)}")
+    print(f"measured {name} matmul peak (1024³): {peak / 1e9:.1f} GFLOP/s; training dtype {name}; "
+          f"median of {args.repeats} interleaved steps; statistics every {interval} steps on the "
+          f"{'compiled' if TrainerConfig().compile else 'eager'} model (the trainer.compile default)\n")
+    print("| shape | eager tok/s | compiled tok/s | HF tok/s | eager/HF | compiled/HF | compile s | "
+          f"{args.run_steps}-step compiled/HF | MFU eager / compiled / HF | stats overhead (logger) | max loss gap |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, shape in enumerate(shapes):
+            r = bench_shape(base, shape, device, dtype, args.repeats, interval, args.run_steps, Path(tmp) / str(i))
+            tok = {k: r["tokens"] / v for k, v in r["med"].items()}
+            mfu = " / ".join(f"{100 * r['flops'] / r['med'][k] / peak:.1f}%" for k in ("eager", "compiled", "hf"))
+            print(f"| {r['shape']} | {tok['eager']:,.0f} | {tok['compiled']:,.0f} | {tok['hf']:,.0f} | "
+                  f"{tok['eager'] / tok['hf']:.2f}x | {tok['compiled'] / tok['hf']:.2f}x | {r['compile_s']:.1f} | "
+                  f"{r['run_ratio']:.2f}x | {mfu} | {100 * r['stats']:.1f}% ({100 * r['logger']:.1f}%) | "
+                  f"{r['loss_gap']:.1e} |", flush=True)
+    print(f"\nload average (1/5/15 min) after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
 
 
 if __name__ == "__main__":
