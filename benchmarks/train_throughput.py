@@ -19,6 +19,7 @@ measured at the start of the run. The 1-minute load average before and after is 
 is not a measurement, and only the ratios of one run compare.
 
     python benchmarks/train_throughput.py                 # the tiny study shapes: d128 T128 b32, L = 2, 4, 8, 16
+    python benchmarks/train_throughput.py --layers 4 --repeats 3 --threads 1   # one shape, a quick look
     python benchmarks/train_throughput.py --shapes cpu-large
     python benchmarks/train_throughput.py --device cuda --shapes gpu
 """
@@ -175,7 +176,10 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5, help="timed steps per trainer and shape, after 2 warm-up steps")
     p.add_argument("--stats-interval", type=int, default=None, help="default: the tiny preset's (20)")
     p.add_argument("--run-steps", type=int, default=600, help="run length the compile time is amortised over")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's, i.e. the cores)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     base = load_config("tiny")
