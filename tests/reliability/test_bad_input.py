@@ -260,6 +260,7 @@ CASES = [
     (["analyze", "{run}", "--device", "cuda", "--out", "{t}/a"], "CUDA is not available"),
     (["analyze", "{run}", "--device", "bogus", "--out", "{t}/a"], "bogus"),
     (["analyze", "{run}", "--dtype", "fp8"], "invalid choice"),
+    (["analyze", "{run}", "--cache-budget", "1e400", "--out", "{t}/a"], "not a finite size"),
     (["analyze", "hf-internal-testing/does-not-exist", "--out", "{t}/a"], "HF_HUB_OFFLINE"),
     # evaluation: task names, numeric ranges
     (["eval", "{run}", "--tasks", "nope"], "unknown task(s) nope"),

@@ -20,6 +20,7 @@ therefore enough to run it where it lives. What depthlab needs on top, defined h
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 from collections.abc import Iterator
@@ -47,6 +48,8 @@ def parse_size(text: str | float, what: str = "size") -> int:
         value, unit = float(m.group(1)), m.group(2).upper()
     if value < 0:
         raise ModelLoadError(f"{what} must be >= 0, got {text!r}")
+    if not math.isfinite(value * UNITS[unit]):  # 1e400 reads as inf
+        raise ModelLoadError(f"{what}: {text!r} is not a finite size")
     return int(value * UNITS[unit])
 
 
