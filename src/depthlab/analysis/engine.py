@@ -4,13 +4,18 @@ Every metric in depthlab.analysis is written against three operations (SPEC §1)
 
 * ``Engine.baselines()`` streams micro-batches of the intact run. Each ``Baseline`` holds the residual stream
   ``h_0..h_L`` (block inputs and the last block's output, captured with hooks on the block modules — never HF
-  ``output_hidden_states``), the per-token next-token NLL, optionally each block's branch outputs (the tensors
+  ``output_hidden_states``), the per-token next-token NLL (its LM head runs when a metric first reads it, so
+  causal effects and the usefulness fit pass never pay for it), optionally each block's branch outputs (the tensors
   added to the stream, after any post-sub-layer norm), and the exact arguments every block received (position
   embeddings, masks), so any block can be re-run in isolation.
 * ``Engine.resume(base, start, h, plan)`` runs positions ``start..L-1`` from a stream ``h`` with overrides: skip a
   block, replace it by a function, run another block's weights at a position (swap), drop a sub-layer. Position
   metadata (RoPE tables, masks, LayerNorm-Scaling factor, norm placement, layer index) belongs to the *position*:
   a swap moves only the block's weights (``ModelView.run``), so swapped or skipped blocks never shift it.
+  ``Engine.resume_many(base, runs)`` runs several such interventions of one micro-batch side by side: at each
+  position the runs that execute the same block there are stacked along the batch dimension into one call of at
+  most ``resume_tokens`` tokens — the same block evaluations in fewer, taller calls (per-call overhead of
+  re-entering a decoder layer and small-matmul inefficiency paid once per group, not once per intervention).
 * ``Engine.token_nll(h_L, ids)`` applies the final norm and LM head in row chunks.
 
 Everything structural (block list, final norm, LM head, branches, positions) comes from
@@ -35,6 +40,7 @@ process over all sequences, up to the order of the fp64 additions. Metrics that 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -46,6 +52,8 @@ from depthlab.model.dispatch import execution_device, is_dispatched
 from depthlab.model.view import ModelView
 
 HEAD_CHUNK_TOKENS = 2048
+RESUME_TOKENS = 8192
+"""Default token bound of one stacked block call in `Engine.resume_many` (bounds its activation memory)."""
 DATA_PARALLEL_METRICS = ("variance", "causal", "permutation")
 """Metrics whose token sums are all-reduced over data-parallel ranks (see the module docstring)."""
 
@@ -65,13 +73,20 @@ class Baseline:
     """h_0..h_L: block inputs plus the last block's output (pre-final-norm)."""
     calls: list[tuple[tuple, dict]]
     """The extra positional and keyword arguments block l received (position embeddings, masks, ...)."""
-    nll: torch.Tensor
-    """Per-token next-token NLL [B, T-1] in fp32."""
+    head: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = field(repr=False)
+    """`Engine.token_nll`, which `nll` applies to h_L on first use."""
     branches: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     """Optional branch outputs per layer ("attn", "ffn"), as added to the stream; None where unavailable."""
 
+    @functools.cached_property
+    def nll(self) -> torch.Tensor:
+        """Per-token next-token NLL [B, T-1] in fp32, computed when first read: metrics that never read it
+        (causal, the usefulness fit pass) never pay for the LM head."""
+        return self.head(self.hs[-1], self.ids)
+
     def nbytes(self) -> int:
-        tensors = [*self.hs, self.nll, *(t for v in self.branches.values() for t in v if t is not None)]
+        nll = [self.__dict__["nll"]] if "nll" in self.__dict__ else []
+        tensors = [*self.hs, *nll, *(t for v in self.branches.values() for t in v if t is not None)]
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -90,7 +105,7 @@ class Engine:
     """Shared baseline + resumable block stack for one model and one token sample (see module docstring)."""
 
     def __init__(self, model: nn.Module, input_ids: torch.Tensor, *, micro_batch_size: int = 8,
-                 cache_budget_mb: float = 2048.0, data_parallel: bool = False):
+                 cache_budget_mb: float = 2048.0, data_parallel: bool = False, resume_tokens: int = RESUME_TOKENS):
         self.stack = ModelView(model)
         """The structural view of the model (blocks, head, branches, positions)."""
         self.model = model.eval()
@@ -99,6 +114,8 @@ class Engine:
             raise AnalysisError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
         self.micro_batch_size = micro_batch_size
         self.cache_budget = int(cache_budget_mb * 2**20)
+        self.resume_tokens = resume_tokens
+        """`resume_many` stacks interventions into block calls of at most this many tokens (≤ B·T: one per call)."""
         self.device = execution_device(model if self.stack.embedding is None else self.stack.embedding)
         """The state device: where the token ids, the cached states and every block output live."""
         self.dtype = next(model.parameters()).dtype
@@ -208,7 +225,7 @@ class Engine:
                                 "depthlab cannot analyse this architecture")
         if verify:
             self._verify_final(hs[L], out)
-        return Baseline(index, ids, hs, calls, self.token_nll(hs[L], ids), outs)
+        return Baseline(index, ids, hs, calls, self.token_nll, outs)
 
     def _placed(self, call: tuple[tuple, dict], layer: int) -> tuple[tuple, dict]:
         """A block's call arguments on that block's device (unchanged for a model on one device)."""
@@ -232,10 +249,13 @@ class Engine:
 
     # ---------------------------------------------------------------------------------------------------------- #
     def run_block(self, base: Baseline, position: int, h: torch.Tensor, *, block: int | None = None,
-                  drop: str | None = None) -> torch.Tensor:
+                  drop: str | None = None, copies: int = 1) -> torch.Tensor:
         """Run block `block`'s weights (default: the one at `position`) at `position` with that position's metadata
-        (call arguments, LNS factor, norm placement, layer index: see `ModelView.run`)."""
+        (call arguments, LNS factor, norm placement, layer index: see `ModelView.run`); `h` may hold `copies`
+        streams of the micro-batch stacked along the batch dimension."""
         args, kwargs = base.calls[position]
+        if copies > 1:
+            args, kwargs = _repeat_rows((args, kwargs), base.ids.shape[0], copies)
         if drop is None:
             return _first_tensor(self.stack.run(position, h, args, kwargs, block=block)).to(self.device)
         branch = self.stack.branch(position, drop)
@@ -257,21 +277,53 @@ class Engine:
         runs that block's weights, a callable ``x -> y`` replaces it, a ``Drop`` removes one of its branches.
         `on_output(position, input, output)` sees every position's input and output.
         """
-        plan = plan or {}
-        for p in range(start, self.n_layers):
-            action = plan.get(p, p)
-            if action is None:
-                y = h
-            elif isinstance(action, int):
-                y = self.run_block(base, p, h, block=action)
-            elif isinstance(action, Drop):
-                y = self.run_block(base, p, h, drop=action.branch)
-            else:
-                y = action(h)
-            if on_output is not None:
-                on_output(p, h, y)
-            h = y
-        return h
+        seen = None if on_output is None else (lambda p, members, x, y: on_output(p, x, y))
+        return self.resume_many(base, [(start, h, plan)], seen)[0]
+
+    @torch.no_grad()
+    def resume_many(self, base: Baseline, runs: list[tuple[int, torch.Tensor, dict | None]],
+                    on_output: Callable[[int, list[int], torch.Tensor, torch.Tensor], None] | None = None
+                    ) -> list[torch.Tensor]:
+        """`resume` for several interventions on one micro-batch side by side; returns each run's h_L.
+
+        `runs` holds (start, h, plan) per intervention, h a stream [B, T, d] of `base`. Position by position, the
+        runs that do the same there (the same block's weights, a skip, the same Drop; a callable runs alone) are
+        stacked along the batch dimension into block calls of at most `resume_tokens` tokens: the same rows through
+        the same weights, one call instead of one per run (equal to separate calls up to the summation order of a
+        taller matmul). Memory: one stream per run (L runs hold one baseline's states) plus one call's activations.
+        `on_output(position, members, x, y)` sees the stacked inputs and outputs [k·B, T, d] of the runs `members`
+        (indices into `runs`, in stacking order) at `position`.
+        """
+        hs = [h for _, h, _ in runs]
+        plans = [plan or {} for _, _, plan in runs]
+        B, T = base.ids.shape
+        per_call = max(1, self.resume_tokens // (B * T))
+        for p in range(min((start for start, _, _ in runs), default=self.n_layers), self.n_layers):
+            groups: dict = {}
+            for r, (start, _, _) in enumerate(runs):
+                if start <= p:
+                    action = plans[r].get(p, p)
+                    key = action if action is None or isinstance(action, int | Drop) else ("callable", r)
+                    groups.setdefault(key, []).append(r)
+            batchable = per_call > 1 and _batchable(base.calls[p], B)
+            for members in groups.values():
+                for i in range(0, len(members), per_call if batchable else 1):
+                    chunk = members[i:i + (per_call if batchable else 1)]
+                    x = hs[chunk[0]] if len(chunk) == 1 else torch.cat([hs[r] for r in chunk])
+                    action = plans[chunk[0]].get(p, p)
+                    if action is None:
+                        y = x
+                    elif isinstance(action, int):
+                        y = self.run_block(base, p, x, block=action, copies=len(chunk))
+                    elif isinstance(action, Drop):
+                        y = self.run_block(base, p, x, drop=action.branch, copies=len(chunk))
+                    else:
+                        y = action(x)
+                    if on_output is not None:
+                        on_output(p, chunk, x, y)
+                    for r, part in zip(chunk, y.split(B) if len(chunk) > 1 else (y,)):
+                        hs[r] = part
+        return hs
 
     @torch.no_grad()
     def token_nll(self, h_last: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -285,6 +337,30 @@ class Engine:
             out[i:i + HEAD_CHUNK_TOKENS] = nn.functional.cross_entropy(
                 logits, targets[i:i + HEAD_CHUNK_TOKENS], reduction="none")
         return out.view(B, T - 1)
+
+
+def _batchable(call, rows: int) -> bool:
+    """Whether a block's call arguments can serve stacked copies of a micro-batch of `rows` rows: every tensor of
+    two or more dimensions is per-row (first dimension `rows`) or broadcast (1); not so e.g. for Bloom's ALiBi
+    tensor [B·heads, 1, T]."""
+    if isinstance(call, torch.Tensor):
+        return call.dim() < 2 or call.shape[0] in (1, rows)
+    if isinstance(call, tuple | list):
+        return all(_batchable(v, rows) for v in call)
+    if isinstance(call, dict):
+        return all(_batchable(v, rows) for v in call.values())
+    return True
+
+
+def _repeat_rows(call, rows: int, copies: int):
+    """A block's call arguments for `copies` stacked copies of its micro-batch: per-row tensors repeated."""
+    if isinstance(call, torch.Tensor):
+        return call.repeat(copies, *[1] * (call.dim() - 1)) if call.dim() >= 2 and call.shape[0] == rows > 1 else call
+    if isinstance(call, tuple | list):
+        return type(call)(_repeat_rows(v, rows, copies) for v in call)
+    if isinstance(call, dict):
+        return {k: _repeat_rows(v, rows, copies) for k, v in call.items()}
+    return call
 
 
 def _zeros_like_output(out):

@@ -43,27 +43,29 @@ def causal_effects(model, input_ids, *, micro_batch_size: int = 8, cache_budget_
     """The full L×L causal-effect matrix of skipping each block on every later block's update."""
     eng = get_engine(model, input_ids, engine, micro_batch_size, cache_budget_mb)
     L = eng.n_layers
-    num = torch.zeros(L, L, dtype=torch.float64)
-    den = torch.zeros(L, dtype=torch.float64)
-    peak = torch.zeros(L, L, dtype=torch.float64)
+    num = torch.zeros(L, L, dtype=torch.float64, device=eng.device)
+    den = torch.zeros(L, dtype=torch.float64, device=eng.device)
+    peak = torch.zeros(L, L, dtype=torch.float64, device=eng.device)
     with tqdm(total=eng.num_batches * L, desc="causal", disable=not progress, leave=False) as bar:
         for base in eng.baselines():
             deltas = [base.hs[l + 1] - base.hs[l] for l in range(L)]
             norms = [_token_norm(d) for d in deltas]
-            for l in range(L):
-                den[l] += norms[l].sum()
+            den += torch.stack([n.sum() for n in norms])
 
-            for s in range(L):
-                def record(position, x, y, s=s, deltas=deltas, norms=norms):
-                    diff = _token_norm((y - x) - deltas[position])
-                    num[s, position] += diff.sum()
-                    rel = torch.where(norms[position] > 0, diff / norms[position].clamp_min(1e-300),
-                                      torch.where(diff > 0, torch.inf, 0.0))
-                    peak[s, position] = max(peak[s, position], rel.max())
+            def record(position, skipped, x, y, deltas=deltas, norms=norms):
+                # The runs `skipped` (run s skips block s) stacked: [k·B, T, d] → per run [k, B·T] token norms.
+                k = len(skipped)
+                diff = _token_norm((y - x).view(k, *deltas[position].shape) - deltas[position]).view(k, -1)
+                rows = torch.tensor(skipped, device=num.device)
+                num[rows, position] += diff.sum(1)
+                rel = torch.where(norms[position] > 0, diff / norms[position].clamp_min(1e-300),
+                                  torch.where(diff > 0, torch.inf, 0.0))
+                peak[rows, position] = torch.maximum(peak[rows, position], rel.max(1).values)
 
-                eng.resume(base, s + 1, base.hs[s], on_output=record)
-                bar.update()
-    num, den, peak = eng.all_sum(num), eng.all_sum(den), eng.all_max(peak)  # over data-parallel ranks
+            eng.resume_many(base, [(s + 1, base.hs[s], None) for s in range(L)], on_output=record)
+            bar.update(L)
+    # Summed over data-parallel ranks.
+    num, den, peak = eng.all_sum(num).cpu(), eng.all_sum(den).cpu(), eng.all_max(peak).cpu()
     upper = torch.ones(L, L, dtype=torch.bool).triu(1)
     ratio = torch.where(den > 0, num / den.clamp_min(1e-300), torch.where(num > 0, torch.inf, 0.0))
     ratio = torch.where(upper, ratio, torch.nan)
@@ -120,11 +122,10 @@ def permutation_scores(model, input_ids, *, pairs="all", micro_batch_size: int =
     with tqdm(total=eng.num_batches * len(measured), desc="permutation", disable=not progress, leave=False) as bar:
         for base in eng.baselines():
             base_sum += base.nll.double().sum().item()
-            for i in measured:
-                a, b = chosen[i]
-                h_last = eng.resume(base, a, base.hs[a], plan={a: b, b: a})
+            runs = [(a, base.hs[a], {a: b, b: a}) for a, b in (chosen[i] for i in measured)]
+            for i, h_last in zip(measured, eng.resume_many(base, runs)):
                 swap_sum[i] += eng.token_nll(h_last, base.ids).double().sum()
-                bar.update()
+            bar.update(len(measured))
     base_sum = eng.all_sum(torch.tensor(base_sum, dtype=torch.float64)).item()  # over data-parallel ranks
     swap_sum = eng.all_sum(swap_sum)
     tokens = eng.input_ids.shape[0] * (eng.input_ids.shape[1] - 1)

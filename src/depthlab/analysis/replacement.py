@@ -276,8 +276,8 @@ def _evaluate(eng: Engine, maps: dict[tuple, list[AffineMap]], excluded: list[tu
         groups = {key: torch.tensor([i for i, k in enumerate(keys) if k == key], device=base.ids.device)
                   for key in dict.fromkeys(keys)}
         base_seq.append(base.nll.double().sum(1).cpu())
-        for l in range(L):
-            h_last = eng.resume(base, l + 1, _replace(maps, groups, l, base.hs[l]))
+        runs = [(l + 1, _replace(maps, groups, l, base.hs[l]), None) for l in range(L)]
+        for l, h_last in enumerate(eng.resume_many(base, runs)):
             repl_seq[l].append(eng.token_nll(h_last, base.ids).double().sum(1).cpu())
     return torch.cat(base_seq), torch.stack([torch.cat(r) for r in repl_seq])
 
