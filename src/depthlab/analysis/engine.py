@@ -41,6 +41,7 @@ process over all sequences, up to the order of the fp64 additions. Metrics that 
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -213,8 +214,11 @@ class Engine:
             for layer, branch in enumerate(found):
                 if branch is not None:  # unavailable branches stay None (see ModelView.branch_unavailable)
                     handles.append(branch.module.register_forward_hook(branch_hook(name, layer, branch.scale)))
+        kwargs = dict(stack.forward_kwargs)
+        if verify and "logits_to_keep" in inspect.signature(self.model.forward).parameters:
+            kwargs["logits_to_keep"] = 1  # the check needs a few rows of the head, not all B·T (HF heads)
         try:
-            out = self.model(ids, **stack.forward_kwargs)
+            out = self.model(ids, **kwargs)
         except _Stop:
             out = None
         finally:
@@ -237,7 +241,7 @@ class Engine:
 
     def _verify_final(self, h_last: torch.Tensor, out) -> None:
         logits = getattr(out, "logits", out)
-        ours = self.stack.final(h_last).float()
+        ours = self.stack.final(h_last[:, -logits.shape[1]:]).float()  # the positions the model's logits cover
         theirs = logits.float()
         tol = 1e-3 if self.dtype == torch.float32 else 5e-2
         err = (ours - theirs).abs().max().item() / max(theirs.abs().max().item(), 1e-6)
