@@ -134,3 +134,10 @@ def test_only_one_run_under_torchrun(tiny_dataset, tmp_path):
     assert study_status(out) == {"a": "done", "b": "pending"}
     assert "2 rank(s) on cpu" in (out / "runs" / "a" / "log.txt").read_text()
     assert json.loads((out / "runs" / "a" / "done.json").read_text())["step"] == 4
+
+
+def test_more_jobs_than_runs_allocates_no_slots():
+    """`study run --jobs 10^11` used to build 10^11 job slots (MemoryError after the study folder was written)."""
+    from depthlab.study.runner import _run_pool
+
+    _run_pool([], 10**11, 1, print)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from depthlab.cli import common
+
 
 def register(sub, help_: str) -> None:
     p = sub.add_parser("study", help=help_, description=f"{help_}. See docs/studies.md.",
@@ -20,10 +22,10 @@ def register(sub, help_: str) -> None:
     r.add_argument("spec", metavar="NAME|SPEC.yaml", help="a built-in study (see 'depthlab study list') or a YAML")
     r.add_argument("--scale", default=None, help="scale of a built-in study: tiny (default), small, paper")
     r.add_argument("--out", default=None, help="study folder (default ./studies/NAME-SCALE)")
-    r.add_argument("--jobs", type=int, default=1, help="runs at once on this machine (default 1)")
+    r.add_argument("--jobs", type=common.Number(int, 1), default=1, help="runs at once on this machine (default 1)")
     r.add_argument("--only", action="append", default=None, metavar="RUN_NAME",
                    help="run only this run (repeatable): one cluster job per run")
-    r.add_argument("--nproc-per-node", type=int, default=1, metavar="K",
+    r.add_argument("--nproc-per-node", type=common.Number(int, 1), default=1, metavar="K",
                    help="launch each run with torchrun on K processes (GPUs) (default 1: plain python)")
     r.set_defaults(func=_run, accepts_overrides=True)
 
@@ -44,7 +46,7 @@ def register(sub, help_: str) -> None:
     sm.add_argument("--scale", default="small")
     sm.add_argument("--out", default="studies/smoke", help="parent folder of the smoke study folders "
                     "(default studies/smoke)")
-    sm.add_argument("--steps", type=int, default=2, help="training steps per run (default 2)")
+    sm.add_argument("--steps", type=common.Number(int, 1), default=2, help="training steps per run (default 2)")
     sm.add_argument("--all-runs", action="store_true", help="every run of each study, not only its largest")
     sm.set_defaults(func=_smoke)
 

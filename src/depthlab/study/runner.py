@@ -374,6 +374,7 @@ def _gpu_count() -> int:
 
 def _run_pool(todo: list[Path], jobs: int, nproc_per_node: int, log) -> None:
     """Run the folders as subprocesses, `jobs` at a time; record a failure for a process that died silently."""
+    jobs = max(1, min(jobs, len(todo)))  # slots beyond the runs would only be allocated (--jobs 10^11)
     threads = max(1, _cores() // (jobs * nproc_per_node))
     if os.environ.get("OMP_NUM_THREADS", "").isdigit():  # the user's own cap (e.g. on a shared machine) wins
         threads = max(1, min(threads, int(os.environ["OMP_NUM_THREADS"])))

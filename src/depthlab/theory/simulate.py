@@ -183,6 +183,9 @@ def validate(st: Settings) -> None:
     check(2 <= d <= 8192, f"d_model must be in [2, 8192], got {d}")
     check(1 <= st.seeds <= 1000, f"seeds must be in [1, 1000], got {st.seeds}")
     check(2 <= st.tokens <= 4096, f"tokens must be in [2, 4096], got {st.tokens}")
+    check(all(math.isfinite(v) for v in (*ps, st.sigma_w, st.sigma0, st.support)),  # results.json has no inf/NaN
+          f"densities, sigma_w, sigma0 and support must be finite, got {ps}, {st.sigma_w}, {st.sigma0}, "
+          f"{st.support}")
     check(st.sigma_w > 0 and st.sigma0 > 0,
           f"sigma_w and sigma0 must be positive, got {st.sigma_w}, {st.sigma0}")
     check(st.jacobian in ("auto", "exact", "estimate"),
