@@ -83,7 +83,7 @@ def _corrupt_models(root: Path) -> None:
     shutil.copytree(root / "hfnoweights", root / "hfbadweights")
     (root / "hfbadweights" / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
     for name, damaged, text in (("torntok", "tokenizer.json", '{"version": "1.0", "trunc'),
-                                ("torncfg", "config.yaml", "model: [1\n")):
+                                ("torncfg", "config.yaml", "model: [1\n"), ("emptycfg", "config.yaml", "")):
         shutil.copytree(root / "run", root / name)
         (root / name / damaged).write_text(text)
     import pyarrow as pa

@@ -230,6 +230,8 @@ CASES = [
     (["sample", "{t}/empty"], "neither a depthlab run"),
     (["sample", "{t}/hfbad"], "not a valid JSON"),
     (["sample", "{t}/hfnoweights"], "safetensors"),
+    (["sample", "{t}/emptycfg"], "does not set model.vocab_size"),
+    (["export", "{t}/emptycfg", "--out", "{t}/hf"], "does not set model.vocab_size"),
     (["sample", "{run}", "--max-new-tokens", "100000"], "exceed the model's context"),
     (["export", "{t}/empty", "--out", "{t}/hf"], "is not a depthlab run"),
     # never replace what was not asked for

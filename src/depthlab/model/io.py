@@ -27,6 +27,9 @@ def load_depthlab(path: str | Path, device: str | torch.device = "cpu", dtype: t
     run = RunDir.of(path)
     cfg = cfgmod.from_dict(run.read_config())
     cfgmod.validate(cfg)
+    if not cfg.model.vocab_size:  # the trainer writes the resolved size; an empty or foreign config has none
+        raise ModelLoadError(f"{run.config_path} does not set model.vocab_size: not the config a depthlab run "
+                             "writes (damaged?)")
     checkpoint = path if is_checkpoint(path) else run.latest()
     if checkpoint is None:
         raise ModelLoadError(f"run {run.path} has no complete checkpoint yet")
