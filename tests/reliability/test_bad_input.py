@@ -237,6 +237,8 @@ CASES = [
     # never replace what was not asked for
     (["export", "{run}", "--out", "{run}"], "exists and is not empty"),
     (["export", "{run}", "--out", "{run}", "--overwrite"], "refusing to replace"),
+    (["export", "{run}", "--out", "{t}/hf", "--analysis", "{t}/listresults"], "not a depthlab results file"),
+    (["export", "{run}", "--out", "{t}/hf", "--analysis", "{t}/bad.jsonl"], "Not a directory"),
     (["export", "{run}", "--out", "{t}", "--overwrite"], "refusing to replace"),
     (["export", "{run}", "--out", "{run}/checkpoints", "--overwrite"], "refusing to replace"),
     (["export", "{run}", "--out", "{t}/baddata"], "exists and is not empty"),

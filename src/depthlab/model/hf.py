@@ -15,7 +15,7 @@ import torch
 
 from depthlab import config as cfgmod
 from depthlab.config import ModelConfig
-from depthlab.errors import ModelLoadError
+from depthlab.errors import AnalysisError, ModelLoadError
 from depthlab.model.hf_common import BLOCK_NAMES, TOP_NAMES, common_config
 from depthlab.model.hf_moe import export_moe_state, import_moe
 from depthlab.model.transformer import Transformer
@@ -145,7 +145,13 @@ def model_card(model: Transformer, tokenizer=None, run: str | Path | None = None
         analysis = RunDir.of(run).path / "analysis"
     summary = None
     if analysis is not None:
-        results = json.loads((Path(analysis) / "results.json").read_text())
+        path = Path(analysis) / "results.json"
+        try:
+            results = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError):  # JSONDecodeError is a ValueError
+            raise AnalysisError(f"{path} is torn or not JSON: rerun the analysis or pass another --analysis") from None
+        if not isinstance(results, dict):
+            raise AnalysisError(f"{path} is not a depthlab results file (it holds a JSON {type(results).__name__})")
         summary = results.get("summary")
     arch = "Qwen3ForCausalLM" if cfg.qk_norm and not cfg.moe.num_experts else (
         "LlamaForCausalLM" if not cfg.moe.num_experts else "a Hugging Face MoE family")
