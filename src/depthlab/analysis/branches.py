@@ -13,6 +13,9 @@ For every block l and each of its two branches b ∈ {attn, ffn} (the MLP or MoE
 * ``causal[b][s][l] = Σ_tok ||Δ̄_l − Δ_l|| / Σ_tok ||Δ_l||`` for l > s — how much removing branch b of block s changes
   every later block's update Δ_l = h_{l+1} − h_l (the causal effect of SPEC §5.5 with a branch instead of a block
   skipped; NaN where l ≤ s). The removal run that gives ``removed`` gives this at no extra cost.
+
+Every number is a ratio of sums over tokens, so data-parallel ranks (`depthlab.analysis.engine`) all-reduce the
+normal equations of their share of the fit sample and the loss and norm sums of their share of the sequences.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from depthlab.analysis.engine import Drop, Engine, _first_tensor, get_engine, validate_ids
-from depthlab.analysis.replacement import AffineMap, check_disjoint, fit_reliability, solve_affine
+from depthlab.analysis.replacement import AffineMap, check_disjoint, fit_engine, fit_reliability, solve_affine
 from depthlab.analysis.results import Result
 from depthlab.errors import AnalysisError
 
@@ -84,7 +87,8 @@ def _run_with_hook(engine: Engine, base, layer: int, h: torch.Tensor, module, ho
 
 @torch.no_grad()
 def _fit_sublayers(engine: Engine, progress: bool) -> dict[str, list[AffineMap]]:
-    """fp64 normal equations of every sub-layer's input → output over the sample, solved as in usefulness."""
+    """fp64 normal equations of every sub-layer's input → output over the sample (summed over data-parallel
+    ranks), solved as in usefulness."""
     L, d = engine.n_layers, engine.stack.d_model
     xtx = {b: torch.zeros(L, d + 1, d + 1, dtype=torch.float64) for b in BRANCHES}
     xty = {b: torch.zeros(L, d + 1, d, dtype=torch.float64) for b in BRANCHES}
@@ -107,6 +111,7 @@ def _fit_sublayers(engine: Engine, progress: bool) -> dict[str, list[AffineMap]]
             finally:
                 for h in handles:
                     h.remove()
+    xtx, xty = ({b: engine.all_sum(sums[b]) for b in BRANCHES} for sums in (xtx, xty))
     return {b: [solve_affine(xtx[b][l], xty[b][l]) for l in range(L)] for b in BRANCHES}
 
 
@@ -126,7 +131,7 @@ def branch_effects(model, input_ids, *, fit_ids=None, disjoint: bool = True, mic
         fit = validate_ids(fit_ids, eng.stack)
         if disjoint:
             check_disjoint(fit, eng.input_ids)
-        fit_eng = Engine(model, fit, micro_batch_size=micro_batch_size, cache_budget_mb=0)
+        fit_eng = fit_engine(model, fit, eng, micro_batch_size)
     maps = _fit_sublayers(fit_eng, progress)
     fit_tokens = fit_eng.input_ids.numel()
     reliable, reason = fit_reliability(fit_tokens, eng.stack.d_model)
@@ -159,6 +164,9 @@ def branch_effects(model, input_ids, *, fit_ids=None, disjoint: bool = True, mic
                             eng, base, s, h, module, replace)})
                     affine[b][s] += eng.token_nll(h_last, base.ids).double().sum()
                 bar.update()
+    # Over data-parallel ranks (no-ops in one process).
+    removed, affine, num = ({b: eng.all_sum(v[b]) for b in BRANCHES} for v in (removed, affine, num))
+    den, base_sum = eng.all_sum(den), eng.all_sum(torch.tensor(base_sum, dtype=torch.float64)).item()
     tokens = eng.input_ids.shape[0] * (eng.input_ids.shape[1] - 1)
     upper = torch.ones(L, L, dtype=torch.bool).triu(1)
     causal = {}

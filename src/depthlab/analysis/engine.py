@@ -32,10 +32,15 @@ it lives (`ModelView.final` returns its logits on the state device). The numbers
 device: the same weights run in the same order, only on other devices.
 
 **Data parallel.** With ``data_parallel=True`` under an initialised ``torch.distributed`` process group (torchrun),
-each of the W ranks runs the baselines of its contiguous share of the sequences, and a metric all-reduces its token
-sums (``all_sum``, fp64; ``all_max`` for maxima) before dividing, so every rank ends with the numbers of one
-process over all sequences, up to the order of the fp64 additions. Metrics that do this are listed in
-``DATA_PARALLEL_METRICS``; the others are refused under data parallelism.
+each of the W ranks runs the baselines of its contiguous share of the sequences (rank r: rows r·N//W ..
+(r+1)·N//W − 1, so no rank is empty when N ≥ W; ``Baseline.first`` is a micro-batch's global row), and a metric
+all-reduces its token sums (``all_sum``, fp64; ``all_max`` for maxima) before dividing, so every rank ends with the
+numbers of one process over all sequences, up to the order of the fp64 additions. Statistics that are not sums —
+resampling, grouping — are defined over global sequence indices: ``gather_sequences`` gives every rank the
+per-sequence vector of all N sequences (each rank adds its rows into zeros, so it is exact), which it then
+resamples or groups exactly as one process would. Metrics that do this are listed in ``DATA_PARALLEL_METRICS``;
+the others (``tuned_lens``, whose translators are trained by minibatch steps, not summed) are refused under data
+parallelism.
 """
 
 from __future__ import annotations
@@ -55,8 +60,13 @@ from depthlab.model.view import ModelView
 HEAD_CHUNK_TOKENS = 2048
 RESUME_TOKENS = 8192
 """Default token bound of one stacked block call in `Engine.resume_many` (bounds its activation memory)."""
-DATA_PARALLEL_METRICS = ("variance", "causal", "permutation")
-"""Metrics whose token sums are all-reduced over data-parallel ranks (see the module docstring)."""
+DATA_PARALLEL_METRICS = ("variance", "angular", "usefulness", "causal", "permutation", "jacobian", "weight_sparsity",
+                         "attention_sparsity", "moe", "lens", "branches")
+"""Metrics whose token sums are all-reduced over data-parallel ranks (see the module docstring); weight_sparsity
+reads only the weights, the same on every rank."""
+REDUCE_CHUNK_VALUES = 2**26
+"""`all_sum` / `all_max` reduce this many fp64 values at a time, so the transient copy of a large sum (the
+usefulness normal equations) stays at 512 MB."""
 
 
 def _first_tensor(out):
@@ -68,6 +78,8 @@ class Baseline:
     """One micro-batch of the intact run."""
 
     index: int
+    first: int
+    """Global index (row of input_ids) of its first sequence."""
     ids: torch.Tensor
     """Token ids [B, T] of this micro-batch."""
     hs: list[torch.Tensor]
@@ -126,10 +138,9 @@ class Engine:
         self.rank, self.world = data_parallel_world() if data_parallel else (0, 1)
         """This process's rank and the number of data-parallel ranks (0, 1 without data parallelism)."""
         check_data_parallel((), self.input_ids.shape[0], self.world)
-        share = -(-self.input_ids.shape[0] // self.world)
-        self._first = min(self.rank * share, self.input_ids.shape[0])
-        self._rows = min(share, self.input_ids.shape[0] - self._first)
-        """This rank's sequences: rows _first .. _first + _rows - 1 of input_ids."""
+        n = self.input_ids.shape[0]
+        self.sequences = range(self.rank * n // self.world, (self.rank + 1) * n // self.world)
+        """This rank's sequences (rows of input_ids): all of them without data parallelism."""
 
     @property
     def n_layers(self) -> int:
@@ -138,7 +149,7 @@ class Engine:
     @property
     def num_batches(self) -> int:
         """Micro-batches of this rank's sequences."""
-        return -(-self._rows // self.micro_batch_size)
+        return -(-len(self.sequences) // self.micro_batch_size)
 
     def all_sum(self, t: torch.Tensor) -> torch.Tensor:
         """`t` summed over the data-parallel ranks in fp64 (`t` itself without data parallelism)."""
@@ -148,15 +159,28 @@ class Engine:
         """Element-wise maximum of `t` over the data-parallel ranks."""
         return self._reduce(t, "MAX")
 
+    def gather_sequences(self, t: torch.Tensor) -> torch.Tensor:
+        """Per-sequence values of this rank's sequences [..., len(sequences)] → those of all sequences [..., N] in
+        order, the same on every rank (fp64; `t` itself without data parallelism)."""
+        if self.world == 1:
+            return t
+        full = torch.zeros(*t.shape[:-1], self.input_ids.shape[0], dtype=torch.float64, device=t.device)
+        full[..., self.sequences.start:self.sequences.stop] = t
+        return self.all_sum(full)  # every other rank adds zeros there: exact
+
     def _reduce(self, t: torch.Tensor, op: str) -> torch.Tensor:
         if self.world == 1:
             return t
         import torch.distributed as dist
 
         on = self.device if dist.get_backend() == "nccl" else torch.device("cpu")
-        buf = t.detach().to(device=on, dtype=torch.float64).clone()
-        dist.all_reduce(buf, op=getattr(dist.ReduceOp, op))
-        return buf.to(t.device)
+        out = t.detach().to(torch.float64, memory_format=torch.contiguous_format, copy=True)
+        flat = out.view(-1)
+        for i in range(0, flat.numel(), REDUCE_CHUNK_VALUES):
+            buf = flat[i:i + REDUCE_CHUNK_VALUES].to(on)  # a view of `out` when it is already there
+            dist.all_reduce(buf, op=getattr(dist.ReduceOp, op))
+            flat[i:i + REDUCE_CHUNK_VALUES] = buf
+        return out
 
     def release(self) -> None:
         """Drop cached baselines (the next metric recomputes what it needs)."""
@@ -176,8 +200,8 @@ class Engine:
 
     @torch.no_grad()
     def _run_baseline(self, index: int, branches: bool) -> Baseline:
-        start = self._first + index * self.micro_batch_size
-        rows = slice(start, min(start + self.micro_batch_size, self._first + self._rows))
+        start = self.sequences.start + index * self.micro_batch_size
+        rows = slice(start, min(start + self.micro_batch_size, self.sequences.stop))
         ids = self.input_ids[rows].to(self.device)
         stack, L = self.stack, self.n_layers
         hs: list = [None] * (L + 1)
@@ -229,7 +253,7 @@ class Engine:
                                 "depthlab cannot analyse this architecture")
         if verify:
             self._verify_final(hs[L], out)
-        return Baseline(index, ids, hs, calls, self.token_nll, outs)
+        return Baseline(index, start, ids, hs, calls, self.token_nll, outs)
 
     def _placed(self, call: tuple[tuple, dict], layer: int) -> tuple[tuple, dict]:
         """A block's call arguments on that block's device (unchanged for a model on one device)."""
@@ -391,8 +415,8 @@ def check_data_parallel(metrics, num_sequences: int, world: int) -> None:
                             "use fewer ranks or more --num-samples")
     other = [m for m in metrics if m not in DATA_PARALLEL_METRICS]
     if other:
-        raise AnalysisError(f"{', '.join(other)} cannot run data-parallel yet (only "
-                            f"{', '.join(DATA_PARALLEL_METRICS)} reduce over ranks): run it in one process")
+        raise AnalysisError(f"{', '.join(other)} cannot run data-parallel (only {', '.join(DATA_PARALLEL_METRICS)} "
+                            "reduce over ranks): run it in one process")
 
 
 def validate_ids(input_ids, stack: ModelView) -> torch.Tensor:

@@ -12,6 +12,7 @@ positions; their pairs score NaN.
 from __future__ import annotations
 
 import itertools
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -89,21 +90,33 @@ class PermutationScores(Result):
     """scores placed at [a][b] and [b][a]; NaN (null) for pairs not measured."""
 
 
+def check_pairs(pairs) -> str | list[tuple[int, int]]:
+    """The form of a `pairs` option, before the model is known: "all", "adjacent", or a non-empty list of pairs of
+    two different block indices (→ sorted tuples); anything else is a one-line AnalysisError."""
+    if isinstance(pairs, str) and pairs in ("all", "adjacent"):
+        return pairs
+
+    def is_pair(p) -> bool:
+        return (isinstance(p, list | tuple) and len(p) == 2 and p[0] != p[1]
+                and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in p))
+
+    if isinstance(pairs, str) or not isinstance(pairs, list | tuple) or not pairs or not all(map(is_pair, pairs)):
+        raise AnalysisError(f"pairs must be 'all', 'adjacent' or a list of pairs of different block indices such as "
+                            f"[[0, 1], [2, 3]], got {pairs!r}")
+    return [tuple(sorted(int(v) for v in p)) for p in pairs]
+
+
 def resolve_pairs(pairs, n_layers: int) -> list[tuple[int, int]]:
-    """"all" | "adjacent" | an explicit list of (a, b) → sorted, validated pairs."""
+    """"all" | "adjacent" | an explicit list of (a, b) → sorted pairs, validated against the model's blocks."""
+    pairs = check_pairs(pairs)
     if pairs == "all":
         return list(itertools.combinations(range(n_layers), 2))
     if pairs == "adjacent":
         return [(a, a + 1) for a in range(n_layers - 1)]
-    if isinstance(pairs, str):
-        raise AnalysisError(f"pairs must be 'all', 'adjacent' or a list of (a, b), got {pairs!r}")
-    out = []
-    for pair in pairs:
-        a, b = sorted(int(v) for v in pair)
-        if a == b or a < 0 or b >= n_layers:
-            raise AnalysisError(f"invalid block pair {tuple(pair)} for a model with {n_layers} blocks")
-        out.append((a, b))
-    return out
+    for a, b in pairs:
+        if a < 0 or b >= n_layers:
+            raise AnalysisError(f"invalid block pair ({a}, {b}) for a model with {n_layers} blocks")
+    return pairs
 
 
 def permutation_scores(model, input_ids, *, pairs="all", micro_batch_size: int = 8,

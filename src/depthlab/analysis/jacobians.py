@@ -24,6 +24,10 @@ so estimate mode does not report it (NaN). ``spectral_norm`` σ_max(M) is not a 
 by Lanczos iteration on MᵀM (Mv by double backward, for both kinds), started from the probes' top direction and
 reported only once converged (residual below ``SPECTRAL_TOL`` of the Ritz value; NaN otherwise), with the number of
 iterations used in ``spectral_iters``. Exact mode reports no standard errors.
+
+Every quantity is a sum over tokens (A, the probe products Aᵀz and u, u', and each Lanczos product MᵀMv), so
+data-parallel ranks (`depthlab.analysis.engine`) all-reduce them; the probes are drawn from the same seeded
+generator on every rank, so the estimates and standard errors equal one process's.
 """
 
 from __future__ import annotations
@@ -204,7 +208,7 @@ def _exact(eng: Engine, block, layer: int, d: int, kind: str) -> torch.Tensor:
             else:
                 for t in range(T):
                     A[i] += branch.vjp_at(eye[i], t).double()
-    return A
+    return eng.all_sum(A)
 
 
 def _rademacher(probes: int, d: int, gen: torch.Generator) -> torch.Tensor:
@@ -219,7 +223,7 @@ def _probe_summed(eng: Engine, block, layer: int, d: int, probes: int, gen: torc
         branch = _Branch(block, base, layer)
         for r in range(probes):
             V[r] += branch.vjp(Z[r]).double().sum((0, 1))
-    V /= eng.input_ids.numel()
+    V = eng.all_sum(V) / eng.input_ids.numel()
     Zd = Z.double()
     return (V**2).sum(1), Zd * V, V + Zd
 
@@ -235,7 +239,7 @@ def _probe_per_token(eng: Engine, block, layer: int, d: int, probes: int, gen: t
         for r in range(probes):
             for j in range(2):
                 U[j, r] += branch.vjp_at(Z[r], int(pos[r, j])).double()
-    U /= N
+    U = eng.all_sum(U) / N
     Zd = Z.double()
     return (U[0] * U[1]).sum(1), Zd * (U[0] + U[1]) / 2, (U[0] + U[1]) / 2 + Zd
 
@@ -258,7 +262,7 @@ class _Operator:
             else:
                 for t in range(branch.x.shape[1]):
                     total += (branch.vjp_at(vf, t) if transpose else branch.jvp(vf, t)).double()
-        return v + total / self.tokens
+        return v + self.eng.all_sum(total) / self.tokens
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
         return self._apply(self._apply(v, transpose=False), transpose=True)

@@ -17,6 +17,8 @@ Everything is read from the engine's cached stream (no extra model pass); the he
 softmax is fp32, so the [tokens, vocab] matrix never exists beyond one chunk. The tuned lens fits on the first half of
 the sequences and reports on the second. Its translators are written to a safetensors file (``translators``) tagged
 with the model's weights hash, the fit tokens and the training settings, and reused on a rerun when all three match.
+The statistics are sums over positions, all-reduced over data-parallel ranks (`depthlab.analysis.engine`); the tuned
+lens is not data-parallel (its translators are trained by minibatch steps on the fit positions, not summed).
 
 Training budget (the defaults): ``steps=200`` Adam steps at ``lr=1e-3`` (linear decay to 0), each on
 ``batch_tokens=256`` fit positions drawn with replacement (seeded), for all translators at once — 200·256·(L−1)
@@ -116,6 +118,12 @@ class _Accumulator:
         s["target_rank"][layer] += (logq > target).sum(-1).double().sum()
         s["entropy"][layer] += -(q * logq).nan_to_num().sum(-1).double().sum()
 
+    def all_sum(self, engine: Engine) -> None:
+        """Sum over the data-parallel ranks (a no-op in one process)."""
+        self.sums = {k: engine.all_sum(v) for k, v in self.sums.items()}
+        total = engine.all_sum(torch.tensor([float(self.final_entropy), self.tokens], dtype=torch.float64))
+        self.final_entropy, self.tokens = total[0].item(), int(total[1].item())
+
     def report(self) -> dict:
         n = max(self.tokens, 1)
         return {**{k: (v / n).cpu().tolist() for k, v in self.sums.items()},
@@ -130,7 +138,7 @@ def _lens_stats(engine: Engine, lenses: dict[str, Translators | None], rows=None
     L, d = engine.n_layers, engine.stack.d_model
     acc = {name: _Accumulator(L, engine.device) for name in lenses}
     for base in tqdm(engine.baselines(), total=engine.num_batches, desc=desc, disable=not progress, leave=False):
-        keep = _rows_in(base, engine, rows)
+        keep = _rows_in(base, rows)
         if keep is None:
             continue
         hs = [h[keep, :-1].reshape(-1, d) for h in base.hs]
@@ -146,16 +154,17 @@ def _lens_stats(engine: Engine, lenses: dict[str, Translators | None], rows=None
                     h = hs[l + 1][chunk]
                     logq = logp if l == L - 1 else _decode(engine, h if lens is None else lens(l, h))
                     a.add(l, logq, logp, targets[chunk])
+    for a in acc.values():
+        a.all_sum(engine)
     return {name: a.report() for name, a in acc.items()}
 
 
-def _rows_in(base, engine: Engine, rows) -> torch.Tensor | None:
+def _rows_in(base, rows) -> torch.Tensor | None:
     """Indices (within the micro-batch) of the sequences of `rows` (a range of global sequence indices)."""
-    first = base.index * engine.micro_batch_size
-    idx = torch.arange(first, first + base.ids.shape[0])
+    idx = torch.arange(base.first, base.first + base.ids.shape[0])
     if rows is not None:
         idx = idx[(idx >= rows.start) & (idx < rows.stop)]
-    return None if idx.numel() == 0 else idx - first
+    return None if idx.numel() == 0 else idx - base.first
 
 
 def logit_lens(model, input_ids, *, micro_batch_size: int = 8, cache_budget_mb: float = 2048.0,
@@ -200,7 +209,7 @@ def _train(eng: Engine, fit: range, steps: int, batch_tokens: int, lr: float, se
     L, d = eng.n_layers, eng.stack.d_model
     states = [[] for _ in range(L + 1)]  # block outputs h_1..h_L of the fit positions, on the model's device
     for base in eng.baselines():
-        keep = _rows_in(base, eng, fit)
+        keep = _rows_in(base, fit)
         if keep is not None:
             for l in range(1, L + 1):
                 states[l].append(base.hs[l][keep, :-1].reshape(-1, d))

@@ -79,6 +79,9 @@ def moe_stats(model, input_ids, *, micro_batch_size: int = 8, cache_budget_mb: f
     finally:
         for h in handles:
             h.remove()
+    # Over data-parallel ranks (no-ops in one process).
+    rows, drop_sum = eng.all_sum(rows), eng.all_sum(drop_sum)
+    base_sum = eng.all_sum(torch.tensor(base_sum, dtype=torch.float64)).item()
     summary = measures.routing_summary(rows)
     fields = measures.routing_fields(rows)
     return MoEStats(summary["load"].tolist(), summary["imbalance"].tolist(), summary["balance"].tolist(),

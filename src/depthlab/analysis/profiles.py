@@ -131,6 +131,8 @@ def angular_distance(model, input_ids, *, last_token_only: bool = False, micro_b
             ang[n - 1] += (torch.arccos(cos) / math.pi).sum(-1)
             if n == 1:
                 cos_sum += cos.sum(-1)
+    ang, cos_sum = [eng.all_sum(a) for a in ang], eng.all_sum(cos_sum)  # over data-parallel ranks
+    tokens = int(eng.all_sum(torch.tensor(tokens, dtype=torch.float64)).item())
     windows = [(a / tokens).tolist() for a in ang]
     best = []
     for n, row in enumerate(windows, start=1):

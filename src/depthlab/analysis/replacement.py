@@ -25,6 +25,12 @@ a z-interval); the intervals are percentiles over the rounds. Measured coverage:
 
 Cost: one baseline pass over the fit sample, one over the evaluation sample, L(L+1)/2 block runs and L LM-head
 passes per evaluation token, and G times that on the probe sequences.
+
+**Data parallel** (`depthlab.analysis.engine`): each rank sums the normal equations of its share of the fit
+sequences and evaluates its share of the evaluation sequences; the sums are all-reduced and the per-sequence NLL
+sums gathered, so the bootstrap resamples the same global vector with the same generator on every rank. Groups,
+folds and the probe are defined by global sequence index, as in one process; the ranks share out the G jackknife
+refits (each on the whole probe). Every field equals one process's, up to the order of the fp64 additions.
 """
 
 from __future__ import annotations
@@ -103,7 +109,8 @@ def group_of(n: int, groups: int) -> list[int]:
 
 
 def normal_equations(engine: Engine, groups: int, progress: bool = False) -> NormalEquations:
-    """One streaming pass over the engine's baselines, summing each block's normal equations per sequence group."""
+    """One streaming pass over the engine's baselines, summing each block's normal equations per sequence group
+    (groups of global sequence indices; summed over data-parallel ranks)."""
     L, d = engine.n_layers, engine.stack.d_model
     xtx = torch.zeros(groups, L, d + 1, d + 1, dtype=torch.float64)
     xty = torch.zeros(groups, L, d + 1, d, dtype=torch.float64)
@@ -111,7 +118,7 @@ def normal_equations(engine: Engine, groups: int, progress: bool = False) -> Nor
     owner = torch.tensor(group_of(engine.input_ids.shape[0], groups))
     for base in tqdm(engine.baselines(), total=engine.num_batches, desc="usefulness fit", disable=not progress,
                      leave=False):
-        rows = owner[base.index * engine.micro_batch_size:][:base.ids.shape[0]]
+        rows = owner[base.first:base.first + base.ids.shape[0]]
         for g in rows.unique().tolist():
             sel = (rows == g).nonzero().flatten().to(base.ids.device)
             tokens[g] += sel.numel() * base.ids.shape[1]
@@ -120,7 +127,8 @@ def normal_equations(engine: Engine, groups: int, progress: bool = False) -> Nor
                 x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=torch.float64)], dim=1)
                 xtx[g, l] += x.T @ x
                 xty[g, l] += x.T @ base.hs[l + 1][sel].reshape(-1, d).double().cpu()
-    return NormalEquations(xtx, xty, tokens)
+    tokens = engine.all_sum(torch.tensor(tokens, dtype=torch.float64)).long().tolist()
+    return NormalEquations(engine.all_sum(xtx), engine.all_sum(xty), tokens)
 
 
 def fit_affine_maps(engine: Engine, progress: bool = False) -> list[AffineMap]:
@@ -208,21 +216,20 @@ def usefulness(model, input_ids, *, fit_ids=None, tau: float = 0.10, folds: int 
         if disjoint:
             check_disjoint(fit, ids)
         K = min(folds, fit.shape[0])
-        neq = normal_equations(Engine(model, fit, micro_batch_size=micro_batch_size, cache_budget_mb=0), K,
-                               progress)
+        neq = normal_equations(fit_engine(model, fit, eval_eng, micro_batch_size), K, progress)
         excluded = [()] * N
         probe_rows = min(probe_sequences, N)
         refits = [(g,) for g in range(K)]
-    maps = {key: neq.maps(key) for key in dict.fromkeys(excluded)}
-    nll0, nll = _evaluate(eval_eng, maps, excluded, progress)
+    maps = {key: neq.maps(key) for key in dict.fromkeys(excluded[s] for s in eval_eng.sequences)}
+    nll0, nll = (eval_eng.gather_sequences(x) for x in _evaluate(eval_eng, maps, excluded, progress))
     probe = Engine(model, ids[:probe_rows], micro_batch_size=micro_batch_size, cache_budget_mb=cache_budget_mb)
-    fit_dev = _jackknife(probe, [neq.maps(key) for key in refits], progress)  # [G, L]
+    fit_dev = _jackknife(probe, neq, refits, eval_eng, progress)  # [G, L]
 
     eval_tokens = N * (ids.shape[1] - 1)
     ratios = nll.sum(1) / nll0.sum()
     useful = ratios > 1 + tau
     iv = _intervals(nll, nll0, fit_dev, tau, bootstrap, confidence, seed)
-    fit_tokens = min(neq.fit_tokens(key) for key in maps)
+    fit_tokens = min(neq.fit_tokens(key) for key in dict.fromkeys(excluded))
     reliable, reason = fit_reliability(fit_tokens, d)
     return Usefulness(
         loss_ratios=ratios.tolist(), useful=useful.tolist(), score=useful.double().mean().item(),
@@ -240,6 +247,15 @@ def fit_reliability(fit_tokens: int, d: int) -> tuple[bool, str | None]:
     return False, (f"each affine map was fitted on {fit_tokens} tokens, {fit_tokens / (d + 1):.1f} per coefficient "
                    f"(d+1 = {d + 1}); at least {MIN_FIT_TOKENS_PER_COEF * (d + 1)} are needed: give a larger fit "
                    f"sample (fit_ids, or --fit-samples/--fit-seq-len)")
+
+
+def fit_engine(model, fit_ids: torch.Tensor, eval_eng: Engine, micro_batch_size: int) -> Engine:
+    """An engine over the fit sample (nothing cached: one pass), split over the data-parallel ranks of `eval_eng`."""
+    if fit_ids.shape[0] < eval_eng.world:
+        raise AnalysisError(f"{eval_eng.world} data-parallel ranks need at least {eval_eng.world} fit sequences, "
+                            f"got {fit_ids.shape[0]}: use fewer ranks or more --fit-samples")
+    return Engine(model, fit_ids, micro_batch_size=micro_batch_size, cache_budget_mb=0,
+                  data_parallel=eval_eng.world > 1)
 
 
 def check_disjoint(fit_ids: torch.Tensor, input_ids: torch.Tensor) -> None:
@@ -267,12 +283,12 @@ def _replace(by_key: dict[tuple, list[AffineMap]], groups: dict[tuple, torch.Ten
 
 def _evaluate(eng: Engine, maps: dict[tuple, list[AffineMap]], excluded: list[tuple], progress: bool
               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sequence NLL sums: intact [N] and with each block replaced by its sequence's map [L, N]."""
+    """Per-sequence NLL sums of the engine's sequences: intact [n] and with each block replaced by its sequence's
+    map [L, n]; `excluded` is indexed by global sequence."""
     L = eng.n_layers
     base_seq, repl_seq = [], [[] for _ in range(L)]
     for base in tqdm(eng.baselines(), total=eng.num_batches, desc="usefulness", disable=not progress, leave=False):
-        first = base.index * eng.micro_batch_size
-        keys = excluded[first:first + base.ids.shape[0]]
+        keys = excluded[base.first:base.first + base.ids.shape[0]]
         groups = {key: torch.tensor([i for i, k in enumerate(keys) if k == key], device=base.ids.device)
                   for key in dict.fromkeys(keys)}
         base_seq.append(base.nll.double().sum(1).cpu())
@@ -282,15 +298,19 @@ def _evaluate(eng: Engine, maps: dict[tuple, list[AffineMap]], excluded: list[tu
     return torch.cat(base_seq), torch.stack([torch.cat(r) for r in repl_seq])
 
 
-def _jackknife(probe: Engine, refits: list[list[AffineMap]], progress: bool) -> torch.Tensor:
-    """Scaled jackknife deviations [G, L] of the per-block log ratios on the probe: sqrt((G−1)/G)·(r_g − r̄), so
-    that their Gram matrix is the jackknife covariance."""
-    logs = []
-    for maps in tqdm(refits, desc="usefulness fit variance", disable=not progress, leave=False):
-        nll0, nll = _evaluate(probe, {(): maps}, [()] * probe.input_ids.shape[0], False)
-        logs.append((nll.sum(1) / nll0.sum()).log())
-    r = torch.stack(logs)
-    G = r.shape[0]
+def _jackknife(probe: Engine, neq: NormalEquations, refits: list[tuple], eval_eng: Engine,
+               progress: bool) -> torch.Tensor:
+    """Scaled jackknife deviations [G, L] of the per-block log ratios on the probe with the maps refitted without
+    each group of `refits`: sqrt((G−1)/G)·(r_g − r̄), so that their Gram matrix is the jackknife covariance.
+
+    Data-parallel ranks share out the refits (rank r evaluates refits r, r + W, ...); the others add zeros."""
+    G = len(refits)
+    r = torch.zeros(G, eval_eng.n_layers, dtype=torch.float64)
+    mine = range(eval_eng.rank, G, eval_eng.world)
+    for g in tqdm(mine, desc="usefulness fit variance", disable=not progress, leave=False):
+        nll0, nll = _evaluate(probe, {(): neq.maps(refits[g])}, [()] * probe.input_ids.shape[0], False)
+        r[g] = (nll.sum(1) / nll0.sum()).log()
+    r = eval_eng.all_sum(r)
     return (r - r.mean(0)) * ((G - 1) / G) ** 0.5
 
 

@@ -5,7 +5,9 @@ The formulas, their edge cases and their key names are `depthlab.measures`, shar
 Attention probabilities come from a separate instrumented pass: while it runs, ``scaled_dot_product_attention`` is
 wrapped so that each call also computes softmax(q·kᵀ·scale + mask) explicitly — the model's own fused kernel still
 produces the output, so the fast path of every other metric is untouched. Any model whose attention goes through
-SDPA (depthlab's own, and Hugging Face models with ``attn_implementation="sdpa"``, the default) is covered.
+SDPA (depthlab's own, and Hugging Face models with ``attn_implementation="sdpa"``, the default) is covered. Its
+statistics are sums over queries: data-parallel ranks (`depthlab.analysis.engine`) run the pass over their share of
+the sequences and all-reduce the sums. Weight sparsity reads only the weights, the same on every rank.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from depthlab import measures
-from depthlab.analysis.engine import validate_ids
+from depthlab.analysis.engine import get_engine
 from depthlab.analysis.results import Result
 from depthlab.errors import AnalysisError
 from depthlab.model.view import ModelView
@@ -97,10 +99,10 @@ def attention_sparsity(model, input_ids, *, micro_batch_size: int = 8, engine=No
     """Attention entropy, normalised entropy, effective support and top-k mass per layer and head (SPEC §5.7).
 
     It runs its own instrumented pass (the engine's baseline keeps fused attention): a shared `engine` only lends
-    its validated sample and view.
+    its validated sample, view and data-parallel share of the sequences.
     """
-    stack = ModelView(model) if engine is None else engine.stack
-    ids_all = validate_ids(input_ids, stack) if engine is None else engine.input_ids
+    eng = get_engine(model, input_ids, engine, micro_batch_size, 0)
+    stack, rows = eng.stack, eng.sequences
     model.eval()
     L = stack.n_layers
     sums: dict[int, dict[str, torch.Tensor]] = {}
@@ -121,17 +123,17 @@ def attention_sparsity(model, input_ids, *, micro_batch_size: int = 8, engine=No
     device = next(model.parameters()).device
     try:
         with _observe_sdpa(on_probs), torch.no_grad():
-            batches = range(0, len(ids_all), micro_batch_size)
+            batches = range(rows.start, rows.stop, micro_batch_size)
             for i in tqdm(batches, desc="attention sparsity", disable=not progress, leave=False):
                 current["layer"] = None
-                model(ids_all[i:i + micro_batch_size].to(device), **stack.forward_kwargs)
+                model(eng.input_ids[i:min(i + micro_batch_size, rows.stop)].to(device), **stack.forward_kwargs)
     finally:
         for h in handles:
             h.remove()
     if len(sums) != L:
         raise AnalysisError(f"attention probabilities were observed in {len(sums)} of {L} blocks: the model must use "
                             "scaled_dot_product_attention (load Hugging Face models with attn_implementation='sdpa')")
-    means = [measures.attention_means(sums[l]) for l in range(L)]
+    means = [measures.attention_means({k: eng.all_sum(v) for k, v in sums[l].items()}) for l in range(L)]
     per = {k: torch.stack([m[k] for m in means]) for k in measures.ATTENTION_KEYS}  # [L, H]
     return AttentionSparsity(per["entropy"].tolist(), per["normalized_entropy"].tolist(),
                              per["effective_support"].tolist(), per["top1_mass"].tolist(), per["top8_mass"].tolist(),

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from depthlab.analysis.branches import branch_effects
 from depthlab.analysis.defaults import DEFAULT_METRICS, DEFAULT_OPTIONS
 from depthlab.analysis.engine import Engine, check_data_parallel
-from depthlab.analysis.interventions import causal_effects, permutation_scores
+from depthlab.analysis.interventions import causal_effects, check_pairs, permutation_scores
 from depthlab.analysis.jacobians import jacobian
 from depthlab.analysis.lens import logit_lens, tuned_lens
 from depthlab.analysis.moe import moe_stats
@@ -73,6 +73,8 @@ def resolve_options(options: dict[str, dict] | None) -> dict[str, dict]:
     return merged
 
 
+FORM_CHECKS: dict[str, Callable] = {"permutation.pairs": check_pairs}
+"""Options whose values take several forms (not only their default's type), checked by the metric's own rule."""
 POSITIVE_OPTIONS = ("micro_batch_size", "cache_budget_mb", "folds", "probes", "steps", "batch_tokens",
                     "probe_sequences")
 """Options that must be > 0 wherever a metric has them (sizes and counts); bootstrap=0 and power_iters=0 are valid
@@ -81,9 +83,16 @@ POSITIVE_OPTIONS = ("micro_batch_size", "cache_budget_mb", "folds", "probes", "s
 
 def _check_option(name: str, value, default) -> None:
     """An option value must have its default's type (an int is fine for a float), be finite, and be positive for the
-    sizes and counts in POSITIVE_OPTIONS; options whose default is None or a tuple are checked by the metric."""
+    sizes and counts in POSITIVE_OPTIONS; options in FORM_CHECKS by their check, options whose default is None or a
+    tuple by the metric."""
     import math
 
+    if name in FORM_CHECKS:
+        try:
+            FORM_CHECKS[name](value)
+        except AnalysisError as e:
+            raise AnalysisError(f"option {name}: {e}") from None
+        return
     kind = type(default)
     if kind is bool:
         ok = isinstance(value, bool)
