@@ -136,6 +136,8 @@ def test_data_parallel_refusals():
         check_data_parallel(["variance", "tuned_lens"], 4, 2)
     with pytest.raises(AnalysisError, match="3 data-parallel ranks need at least 3 sequences, got 2"):
         check_data_parallel(["variance"], 2, 3)
+    with pytest.raises(AnalysisError, match="2 data-parallel ranks need at least 2 fit sequences, got 1: .*--fit-samples"):
+        check_data_parallel(["usefulness"], 4, 2, 1)
 
 
 @pytest.mark.slow  # one torchrun launch of two CPU ranks (shared by every test here): ~1 min on 2 cores

@@ -406,13 +406,17 @@ def data_parallel_world() -> tuple[int, int]:
     return 0, 1
 
 
-def check_data_parallel(metrics, num_sequences: int, world: int) -> None:
-    """Refuse data parallelism over more ranks than sequences, or for metrics that do not reduce over ranks."""
+def check_data_parallel(metrics, num_sequences: int, world: int, fit_sequences: int | None = None) -> None:
+    """Refuse data parallelism over more ranks than sequences (or than `fit_sequences`, the usefulness/branches fit
+    sample, when given), or for metrics that do not reduce over ranks."""
     if world == 1:
         return
     if num_sequences < world:
         raise AnalysisError(f"{world} data-parallel ranks need at least {world} sequences, got {num_sequences}: "
                             "use fewer ranks or more --num-samples")
+    if fit_sequences is not None and fit_sequences < world:
+        raise AnalysisError(f"{world} data-parallel ranks need at least {world} fit sequences, got {fit_sequences}: "
+                            "use fewer ranks or more --fit-samples")
     other = [m for m in metrics if m not in DATA_PARALLEL_METRICS]
     if other:
         raise AnalysisError(f"{', '.join(other)} cannot run data-parallel (only {', '.join(DATA_PARALLEL_METRICS)} "
