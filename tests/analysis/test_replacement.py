@@ -99,6 +99,20 @@ def test_intervals_contain_the_estimate_and_include_fit_variance():
     assert all(s > 0 for s in got.fit_std)
 
 
+def test_undecided_blocks_are_those_whose_interval_contains_the_threshold():
+    model = build("llama")
+    ids, fit = sample(6, 16, 1), sample(8, 16, 2)
+    base = usefulness(model, ids, fit_ids=fit, bootstrap=200)
+    l = max(range(len(base.ratio_intervals)), key=lambda i: base.ratio_intervals[i][1])
+    lo, hi = base.ratio_intervals[l]
+    assert hi > 1
+    tau = max(0.0, (lo + hi) / 2 - 1)  # a threshold inside block l's interval
+    got = usefulness(model, ids, fit_ids=fit, bootstrap=200, tau=tau)
+    assert l in got.undecided
+    assert got.undecided == [l for l, (a, b) in enumerate(got.ratio_intervals) if a <= 1 + tau <= b]
+    assert usefulness(model, ids, fit_ids=fit, bootstrap=0).undecided == []  # no intervals, nothing to decide
+
+
 def test_bad_input_is_refused():
     model = build("llama")
     ids = sample(4, 12, 1)

@@ -154,6 +154,9 @@ class Usefulness(Result):
     continuous_interval: list[float]
     ratio_intervals: list[list[float]]
     """Per-block interval of the loss ratio, same method."""
+    undecided: list[int]
+    """Blocks whose ratio interval contains 1 + tau: the samples cannot tell whether they are useful (more evaluation
+    tokens narrow the interval). The other blocks' `useful` holds at `confidence`."""
     fit_std: list[float]
     """Jackknife standard deviation of each block's log loss ratio due to the fit sample alone."""
     confidence: float
@@ -235,7 +238,8 @@ def usefulness(model, input_ids, *, fit_ids=None, tau: float = 0.10, folds: int 
         loss_ratios=ratios.tolist(), useful=useful.tolist(), score=useful.double().mean().item(),
         continuous_score=ratios.log().mean().item(), tau=tau, baseline_loss=(nll0.sum() / eval_tokens).item(),
         replaced_losses=(nll.sum(1) / eval_tokens).tolist(), score_interval=iv[0], continuous_interval=iv[1],
-        ratio_intervals=iv[2], fit_std=iv[3], confidence=confidence, cross_fitted=fit_ids is None,
+        ratio_intervals=iv[2], undecided=[l for l, (lo, hi) in enumerate(iv[2]) if lo <= 1 + tau <= hi],
+        fit_std=iv[3], confidence=confidence, cross_fitted=fit_ids is None,
         fit_tokens=fit_tokens, fit_tokens_per_coef=fit_tokens / (d + 1), eval_tokens=eval_tokens,
         reliable=reliable, reason=reason)
 

@@ -207,6 +207,7 @@ def summarize(metrics: dict, n_layers: int) -> dict:
         u = metrics["usefulness"]
         summary["effective_depth"] = sum(u["useful"])
         summary["useful_blocks"] = [i for i, x in enumerate(u["useful"]) if x]
+        summary["undecided_blocks"] = u.get("undecided", [])
         summary["usefulness_score"] = u["score"]
         summary["usefulness_fit_tokens"] = u.get("fit_tokens")
         summary["usefulness_reliable"] = u.get("reliable")
@@ -232,6 +233,10 @@ def format_summary(results: dict) -> str:
         lines.append(f"effective depth: {s['effective_depth']} of {s['n_layers']} blocks useful "
                      f"(usefulness {s['usefulness_score']:.3f}, maps fitted on {s['usefulness_fit_tokens']} "
                      f"tokens); useful: {s['useful_blocks']}")
+        if s.get("undecided_blocks"):
+            confidence = results["metrics"]["usefulness"]["confidence"]
+            lines.append(f"undecided (the {confidence:.0%} interval of the loss ratio contains the threshold; "
+                         f"more --num-samples narrows it): {s['undecided_blocks']}")
         if s.get("usefulness_reliable") is False:
             lines.append(f"warning: usefulness is unreliable: {s['usefulness_reason']}")
     if "near_identity_blocks" in s:

@@ -55,6 +55,8 @@ class Diagnosis:
     tau: float
     loss_ratios: list[float]
     useful_blocks: list[int]
+    undecided_blocks: list[int]
+    """Blocks whose loss-ratio interval contains 1 + tau (`Usefulness.undecided`)."""
     angular_distance: list[float]
     jacobian_norm: list[float]
     """||M − I||_F / d per block (position-summed Jacobian, Rademacher estimate)."""
@@ -90,6 +92,9 @@ class Diagnosis:
         lines += [f"warning: {w}" for w in self.warnings]
         lines.append(f"effective depth: {self.effective_depth} of {self.n_layers} blocks useful "
                      f"(loss ratio > 1+{self.tau:g} when linearly replaced): {_ranges(self.useful_blocks)}")
+        if self.undecided_blocks:
+            lines.append(f"undecided (the loss-ratio interval contains 1+{self.tau:g}; more samples narrow it): "
+                         f"{_ranges(self.undecided_blocks)}")
         worst = sorted(range(self.n_layers), key=self.loss_ratios.__getitem__)[:5]
         lines.append("least useful blocks: " + ", ".join(f"{l} ({self.loss_ratios[l]:.3f})" for l in worst))
         if self.near_identity:
@@ -278,6 +283,7 @@ def diagnose(model, tokenizer=None, input_ids: torch.Tensor | None = None, *, fi
     return Diagnosis(
         model=name or getattr(model, "source_path", None) or type(model).__name__, n_layers=L, d_model=d,
         sample=sample, tau=tau, loss_ratios=use.loss_ratios, useful_blocks=[l for l in range(L) if use.useful[l]],
+        undecided_blocks=use.undecided,
         angular_distance=ang.angular_distance, jacobian_norm=jn, near_identity=near, out_var=var.out_var,
         growth=growth_fits(var.out_var) if L >= 3 else None, sparsity=sparsity,
         levers=recipe_levers(shape, training_weight_decay(model)), warnings=warnings,
