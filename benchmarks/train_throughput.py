@@ -1,16 +1,19 @@
 """Training throughput: depthlab's Transformer, eager and compiled, vs Hugging Face LlamaForCausalLM, in one run.
 
-For each shape three trainers step (forward + backward + gradient clipping + AdamW, what `depthlab train` does per
+For each shape four trainers step (forward + backward + gradient clipping + AdamW, what `depthlab train` does per
 step) on identical token batches, interleaved step by step after a warm-up, so machine load affects all alike:
 
 - depthlab eager;
-- depthlab under ``torch.compile`` (inductor; C++ on CPU). Its first step (the compilation) is timed separately and
-  amortised over a ``--run-steps`` run (600: the tiny studies' length) in the "600-step" column;
+- depthlab under ``torch.compile`` (inductor; C++ on CPU) of the whole model, as ``trainer.compile: true`` does;
+- depthlab with each block compiled on its own (``Block.compile()``, torchtitan's per-block compilation: one graph
+  for every block, so compile time does not grow with depth), a candidate for the trainer.
+  The first step of a compiled trainer (the compilation) is timed separately and amortised over a ``--run-steps`` run
+  (600: the tiny studies' length) in the "600-step" column;
 - HF ``LlamaForCausalLM`` built from the same weights (`depthlab.model.hf.to_hf`), eager, SDPA attention.
 
 Each row also measures the per-layer statistics of the trainer (`depthlab.train.stats.LayerStats` hooks, the one
 host sync of ``finish``, the layer_stats.jsonl line and the TensorBoard logger with its profile figure) as the extra
-time of a statistics step over a plain step of the CPU default (`trainer.compile: auto`), spread over
+time of a statistics step over a plain step of the trainer.compile default (eager), spread over
 ``--stats-interval`` steps (20: the tiny preset and studies), as a fraction of a plain step; the logger's share is
 shown beside it.
 
@@ -77,10 +80,13 @@ def matmul_peak(device, dtype, n=1024, repeats=3) -> float:
 class Stepper:
     """One model with its optimizer, stepping the way the trainer does (clipping, one loss sync per step)."""
 
-    def __init__(self, model, cfg: Config, hf: bool = False, compiled: bool = False):
+    def __init__(self, model, cfg: Config, hf: bool = False, compiled: str = ""):
         self.base, self.hf, self.cfg = model, hf, cfg
         self.optimizer = build_optimizer(model, cfg.optimizer)
-        self.model = torch.compile(model) if compiled else model  # as `depthlab train` with trainer.compile
+        self.model = torch.compile(model) if compiled == "whole" else model  # as `depthlab train` with trainer.compile
+        if compiled == "blocks":
+            for block in model.blocks:
+                block.compile()
 
     def step(self, x, y, autocast, stats: LayerStats | None = None) -> float:
         with autocast, stats.attached(self.base) if stats is not None else contextlib.nullcontext():
@@ -105,6 +111,10 @@ def timed(device, fn, *args) -> float:
     return time.perf_counter() - t
 
 
+COMPILED = ("compiled", "blocks")
+TRAINERS = ("eager", *COMPILED, "hf")
+
+
 def stats_line(stepper: Stepper, batch, autocast, cfg: Config, step: int, log: JsonlLog) -> dict:
     """A statistics step as the trainer takes it: hooked forward, the step, the one sync, the layer_stats line."""
     stats = LayerStats(cfg.model.n_layers, batch[0].device, moments=cfg.trainer.stats_moments)
@@ -125,10 +135,12 @@ def bench_shape(base: Config, shape, device, dtype, repeats: int, stats_interval
     ours = Transformer(cfg.model)
     hf = to_hf(ours).to(device)
     hf.config._attn_implementation = "sdpa"
-    twin = Transformer(cfg.model)
-    twin.load_state_dict(ours.state_dict())
-    steppers = {"eager": Stepper(ours.to(device), cfg), "compiled": Stepper(twin.to(device), cfg, compiled=True),
-                "hf": Stepper(hf, cfg, hf=True)}
+    twins = [Transformer(cfg.model) for _ in range(2)]
+    for twin in twins:
+        twin.load_state_dict(ours.state_dict())
+    steppers = {"eager": Stepper(ours.to(device), cfg),
+                "compiled": Stepper(twins[0].to(device), cfg, compiled="whole"),
+                "blocks": Stepper(twins[1].to(device), cfg, compiled="blocks"), "hf": Stepper(hf, cfg, hf=True)}
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, V, (batch, T + 1), generator=gen).to(device) for _ in range(repeats + 2)]
@@ -156,14 +168,14 @@ def bench_shape(base: Config, shape, device, dtype, repeats: int, stats_interval
     med = {k: statistics.median(v) for k, v in times.items()}
     flops = param_counts(cfg.model).flops_per_token * batch * T
     plain = med["compiled" if default is steppers["compiled"] else "eager"]
-    compile_s = first["compiled"] - med["compiled"]
+    compile_s = {k: first[k] - med[k] for k in COMPILED}
     return {
         "shape": f"d{d} L{L} T{T} b{batch} V{V}", "tokens": batch * T, "med": med, "flops": flops,
         "compile_s": compile_s,
-        "run_ratio": (run_steps * med["hf"]) / (compile_s + run_steps * med["compiled"]),
+        "run_ratio": {k: run_steps * med["hf"] / (compile_s[k] + run_steps * med[k]) for k in COMPILED},
         "stats": (statistics.median(stats_times) - plain + logger_s) / stats_interval / plain,
         "logger": logger_s / stats_interval / plain,
-        "loss_gap": max(abs(losses["compiled"] - losses["eager"]), abs(losses["hf"] - losses["eager"])),
+        "loss_gap": max(abs(v - losses["eager"]) for v in losses.values()),
     }
 
 
@@ -199,18 +211,21 @@ def main() -> None:
     print(f"measured {name} matmul peak (1024³): {peak / 1e9:.1f} GFLOP/s; training dtype {name}; "
           f"median of {args.repeats} interleaved steps; statistics every {interval} steps on the "
           f"{'compiled' if TrainerConfig().compile else 'eager'} model (the trainer.compile default)\n")
-    print("| shape | eager tok/s | compiled tok/s | HF tok/s | eager/HF | compiled/HF | compile s | "
-          f"{args.run_steps}-step compiled/HF | MFU eager / compiled / HF | stats overhead (logger) | max loss gap |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| shape | tok/s eager / compiled / per-block / HF | ×HF eager / compiled / per-block | compile s "
+          f"compiled / per-block | {args.run_steps}-step ×HF compiled / per-block | MFU eager / compiled / per-block "
+          "/ HF | stats overhead (logger) | max loss gap |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     with tempfile.TemporaryDirectory() as tmp:
         for i, shape in enumerate(shapes):
             r = bench_shape(base, shape, device, dtype, args.repeats, interval, args.run_steps, Path(tmp) / str(i))
-            tok = {k: r["tokens"] / v for k, v in r["med"].items()}
-            mfu = " / ".join(f"{100 * r['flops'] / r['med'][k] / peak:.1f}%" for k in ("eager", "compiled", "hf"))
-            print(f"| {r['shape']} | {tok['eager']:,.0f} | {tok['compiled']:,.0f} | {tok['hf']:,.0f} | "
-                  f"{tok['eager'] / tok['hf']:.2f}x | {tok['compiled'] / tok['hf']:.2f}x | {r['compile_s']:.1f} | "
-                  f"{r['run_ratio']:.2f}x | {mfu} | {100 * r['stats']:.1f}% ({100 * r['logger']:.1f}%) | "
-                  f"{r['loss_gap']:.1e} |", flush=True)
+            tok = {k: r["tokens"] / r["med"][k] for k in TRAINERS}
+            cells = [" / ".join(f"{tok[k]:,.0f}" for k in TRAINERS),
+                     " / ".join(f"{tok[k] / tok['hf']:.2f}x" for k in TRAINERS[:-1]),
+                     " / ".join(f"{r['compile_s'][k]:.1f}" for k in COMPILED),
+                     " / ".join(f"{r['run_ratio'][k]:.2f}x" for k in COMPILED),
+                     " / ".join(f"{100 * r['flops'] / r['med'][k] / peak:.1f}%" for k in TRAINERS),
+                     f"{100 * r['stats']:.1f}% ({100 * r['logger']:.1f}%)", f"{r['loss_gap']:.1e}"]
+            print(f"| {r['shape']} | " + " | ".join(cells) + " |", flush=True)
     print(f"\nload average (1/5/15 min) after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
 
 
