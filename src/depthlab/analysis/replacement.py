@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from depthlab.analysis.engine import Engine, get_engine, validate_ids
+from depthlab.analysis.engine import Engine, check_data_parallel, get_engine, validate_ids
 from depthlab.analysis.results import Result
 from depthlab.errors import AnalysisError
 
@@ -255,9 +255,7 @@ def fit_reliability(fit_tokens: int, d: int) -> tuple[bool, str | None]:
 
 def fit_engine(model, fit_ids: torch.Tensor, eval_eng: Engine, micro_batch_size: int) -> Engine:
     """An engine over the fit sample (nothing cached: one pass), split over the data-parallel ranks of `eval_eng`."""
-    if fit_ids.shape[0] < eval_eng.world:
-        raise AnalysisError(f"{eval_eng.world} data-parallel ranks need at least {eval_eng.world} fit sequences, "
-                            f"got {fit_ids.shape[0]}: use fewer ranks or more --fit-samples")
+    check_data_parallel((), eval_eng.input_ids.shape[0], eval_eng.world, fit_ids.shape[0])
     return Engine(model, fit_ids, micro_batch_size=micro_batch_size, cache_budget_mb=0,
                   data_parallel=eval_eng.world > 1)
 

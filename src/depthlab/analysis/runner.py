@@ -66,7 +66,8 @@ def run_analysis(model: str, out_dir: str | Path, *, metrics=None, data: str | N
     names = resolve_metrics(metrics)
     opts = resolve_options(options)
     world = data_parallel_world()[1] if data_parallel else 1
-    check_data_parallel(names, num_samples, world)  # before loading or writing anything
+    fits = fit_samples if any(name in FITTED_METRICS for name in names) else None
+    check_data_parallel(names, num_samples, world, fits)  # before loading or writing anything
     if fit_samples is not None and fit_samples < 1:
         raise AnalysisError(f"--fit-samples must be >= 1, got {fit_samples}")
     if fit_seq_len is not None and fit_seq_len < 2:
