@@ -31,7 +31,8 @@ def test_cli_prune_end_to_end_on_a_depthlab_run(depthlab_run, tmp_path, capsys):
 @pytest.mark.parametrize("drop, message", [("0-3", "cannot drop all 4 blocks"), ("4", "block 4 is out of range"),
                                            ("1;2", "malformed block list")])
 def test_cli_prune_bad_block_lists_are_one_line_errors(hf_folder, tmp_path, capsys, drop, message):
-    assert main(["prune", str(hf_folder), "--drop", drop, "--out", str(tmp_path / "x"), "--no-progress"]) == 2
+    assert main(["prune", str(hf_folder), "--drop", drop, "--out", str(tmp_path / "x"), "--seq-len", "32",
+                 "--no-progress"]) == 2
     stderr = capsys.readouterr().err.replace("\r", "\n")  # transformers may draw a loading progress bar too
     err = [line for line in stderr.splitlines() if line.startswith("depthlab")]
     assert len(err) == 1 and err[0].startswith("depthlab prune: error:") and message in err[0]

@@ -64,14 +64,15 @@ def workspace(tiny_dataset, tmp_path_factory):
         (root / name).write_text(text)
     (root / "binary.yaml").write_bytes(b"\xff\xfe\x00\x80garbage")
     (root / "empty").mkdir()
-    _corrupt_models(root)
+    _corrupt_models(root, tiny_dataset)
     (root / "dangling").symlink_to(root / "nowhere")
     return root
 
 
-def _corrupt_models(root: Path) -> None:
+def _corrupt_models(root: Path, tiny_dataset: Path) -> None:
     """Damaged model files of every kind: GGUF (garbage, header only, truncated), an HF folder whose safetensors is
-    not one, runs with a torn tokenizer.json / config.yaml, and an analysis folder whose results.json is a list."""
+    not one, runs with a torn tokenizer.json / config.yaml, datasets whose meta.json is a list or whose tokenizer.json
+    is torn, and an analysis folder whose results.json is a list."""
     import shutil
 
     from depthlab.loading import alias_path
@@ -93,6 +94,10 @@ def _corrupt_models(root: Path) -> None:
     (root / "empty.jsonl").write_text("")
     pq.write_table(pa.table({"text": pa.array([], pa.string())}), root / "empty.parquet")
     pq.write_table(pa.table({"text": [1, 2, 3]}), root / "inttext.parquet")
+    shutil.copytree(tiny_dataset, root / "listmeta")
+    (root / "listmeta" / "meta.json").write_text("[1]\n")
+    shutil.copytree(tiny_dataset, root / "tornmeta_tok")
+    (root / "tornmeta_tok" / "tokenizer.json").write_text("{")
     (root / "listresults").mkdir()
     (root / "listresults" / "results.json").write_text("[1, 2]\n")
 

@@ -217,6 +217,18 @@ CASES = [
     (["data", "prepare", "--source", "{t}/bad.jsonl", "--out", "{t}/p"], "not valid JSON"),
     (["data", "prepare", "--source", "{t}/nofield.jsonl", "--out", "{t}/p"], "no 'text' field"),
     (["data", "prepare", "--source", "{corpus}", "--vocab-size", "0", "--out", "{t}/p"], "too small"),
+    (["data", "prepare", "--source", "{corpus}", "--vocab-size", str(10**11), "--out", "{t}/p"], "too large"),
+    (["train", "--preset", "", "--out", "{t}/new"], "--preset is empty"),
+    (["train", "{t}/cfg.yaml", "--preset", "", "--out", "{t}/new"], "not both"),
+    (["data", "info", "{t}/listmeta"], "not a depthlab dataset description"),
+    (["eval", "{run}", "--ppl-data", "{t}/listmeta"], "not a depthlab dataset description"),
+    (["analyze", "{run}", "--seq-len", "16", "--data", "{t}/listmeta", "--out", "{t}/a"],
+     "not a depthlab dataset description"),
+    ([*TRAIN, "--data.path={t}/tornmeta_tok"], "tokenizer.json is corrupt"),
+    (["prune", "{run}", "--drop", "0,0", "--out", "{t}/p"], "exceeds the model's context"),
+    (["analyze", "{run}", "--seq-len", "16", "--device-map", "auto", "--offload-folder", "", "--out", "{t}/a"],
+     "offload folder is empty"),
+    (["compare", "{run}", "{run}", "--markdown", ""], "--markdown is empty"),
     (["data", "prepare", "--source", "{corpus}", "--val-fraction", "1.5", "--out", "{t}/p"], "val_fraction"),
     (["data", "prepare", "--source", "{corpus}", "--val-fraction", "-0.1", "--out", "{t}/p"], "val_fraction"),
     (["data", "prepare", "--source", "{corpus}", "--val-fraction", "nan", "--out", "{t}/p"], "val_fraction"),
@@ -251,7 +263,7 @@ CASES = [
     (["analyze", "{run}", "--option", "variance.nope=1", "--out", "{t}/a"], "no option 'nope'"),
     (["analyze", "{run}", "--option", "variance.micro_batch_size=0", "--out", "{t}/a"], "must be positive"),
     (["analyze", "{run}", "--num-samples", "0", "--out", "{t}/a"], "must be positive"),
-    (["analyze", "{run}", "--seq-len", "-1", "--out", "{t}/a"], "must be positive"),
+    (["analyze", "{run}", "--seq-len", "-1", "--out", "{t}/a"], "argument --seq-len: must be >= 2"),
     (["analyze", "{run}", "--seq-len", "64", "--out", "{t}/a"], "exceeds the model's context"),
     (["analyze", "{run}", "--seq-len", "16", "--data", "{t}/missing.txt", "--out", "{t}/a"], "does not exist"),
     (["analyze", "{t}/missing", "--out", "{t}/a"], "no such model"),
@@ -402,7 +414,8 @@ def test_matrix_covers_every_subcommand_and_config_key():
     exercised = {argv[0] for argv, _ in CASES} | {c.split()[0] for c in [*WRITERS, *READERS, *CONFIG_COMMANDS]}
     assert {name for name, _ in COMMANDS} <= exercised | {"recipe"}
     assert {key for key, _ in CONFIG_CASES} == set(cfgmod.all_keys())
-    for name in ("eval", "sample"):  # every numeric option of these declares its range (a Number, not a bare int)
+    for name in ("eval", "sample", "analyze", "compare", "doctor", "prune", "study run", "study smoke"):
+        # every numeric option of these declares its range (a Number, not a bare int)
         bare = [max(a.option_strings, key=len) for a in _subcommands()[name]._actions if a.type in (int, float)]
         assert not bare, f"{name}: {bare} have no declared range"
     assert N_CASES >= 1500, N_CASES

@@ -89,8 +89,9 @@ def main(argv: list[str] | None = None) -> int:
         resolve_machine(args)
         if getattr(args, "out", None) is not None:  # "", "/", a file, a read-only place: refused before any work
             fileio.check_out(args.out, folder=args.command != "recipe")
-        if getattr(args, "json", None) not in (None, "-"):  # --json FILE likewise
-            fileio.check_out(args.json, "--json", folder=False)
+        for flag in ("json", "markdown"):  # --json FILE and --markdown FILE likewise
+            if getattr(args, flag, None) not in (None, "-"):
+                fileio.check_out(getattr(args, flag), f"--{flag}", folder=False)
         with terminate_as_interrupt():
             code = int(args.func(args) or 0)
         sys.stdout.flush()  # a closed pipe (`| head`) surfaces here, inside the handler, not at interpreter exit

@@ -27,18 +27,18 @@ def register(sub, help_: str) -> None:
     p.add_argument("--metrics", default=None, help="comma-separated metric names, or 'all' (default: see below)")
     p.add_argument("--data", default=None, help="calibration text: a file/folder or prepared dataset "
                    "(default: held-out Shakespeare)")
-    p.add_argument("--num-samples", type=int, default=8, help="sequences N (default 8)")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence T (default 128)")
-    p.add_argument("--fit-samples", type=int, default=None,
+    p.add_argument("--num-samples", type=common.Number(int, 1), default=8, help="sequences N (default 8)")
+    p.add_argument("--seq-len", type=common.Number(int, 2), default=128, help="tokens per sequence T (default 128)")
+    p.add_argument("--fit-samples", type=common.Number(int, 1), default=None,
                    help=f"sequences of the usefulness fit sample (default: {FIT_TOKENS_PER_COEF}*(d+1) tokens)")
-    p.add_argument("--fit-seq-len", type=int, default=None, help="tokens per fit sequence (default: --seq-len)")
+    p.add_argument("--fit-seq-len", type=common.Number(int, 2), default=None, help="tokens per fit sequence (default: --seq-len)")
     common.add_seed(p)
     common.add_dtype(p)
     common.add_device(p)
     common.add_placement(p)
     p.add_argument("--cache-budget", default="2GiB", metavar="SIZE",
                    help="memory for cached baseline states (e.g. 512MiB); beyond it they are recomputed (default 2GiB)")
-    p.add_argument("--micro-batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
+    p.add_argument("--micro-batch-size", type=common.Number(int, 1), default=8, help="sequences per forward pass (default 8)")
     p.add_argument("--option", action="append", default=[], metavar="METRIC.KEY=VALUE",
                    help="a metric option, value parsed as JSON when possible (repeatable)")
     p.add_argument("--checkpoints", default=None, metavar="all|STEPS",

@@ -14,12 +14,12 @@ def register(sub, help_: str) -> None:
         "weight sparsity on a small seeded held-out sample (default 8x128 tokens: a few minutes for SmolLM2 on 2 CPU "
         "cores); the usefulness maps are fitted on a separate held-out sample of 32*(d+1) tokens.")
     common.add_model(p)
-    p.add_argument("--num-samples", type=int, default=8, help="calibration sequences N (default 8)")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence T (default 128)")
+    p.add_argument("--num-samples", type=common.Number(int, 1), default=8, help="calibration sequences N (default 8)")
+    p.add_argument("--seq-len", type=common.Number(int, 2), default=128, help="tokens per sequence T (default 128)")
     common.add_seed(p)
     p.add_argument("--data", default=None, help="calibration text: a file/folder or prepared dataset "
                    "(default: held-out Shakespeare)")
-    p.add_argument("--tau", type=float, default=0.10, help="usefulness threshold: useful when loss ratio > 1+tau")
+    p.add_argument("--tau", type=common.Number(float, 0), default=0.10, help="usefulness threshold: useful when loss ratio > 1+tau")
     common.add_dtype(p)
     common.add_device(p)
     common.add_json(p, "the diagnosis")

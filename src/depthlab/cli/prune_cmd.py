@@ -22,15 +22,15 @@ def register(sub, help_: str) -> None:
     p.add_argument("--drop", required=True, metavar="auto|LIST", help="'auto' or block indices like 3,5-7")
     p.add_argument("--unit", choices=("block", "attn", "mlp"), default="block",
                    help="what to remove from each chosen block (default: the whole block)")
-    p.add_argument("--n", type=int, default=None, help="blocks to drop with --drop auto (default: a quarter)")
+    p.add_argument("--n", type=common.Number(int, 1), default=None, help="blocks to drop with --drop auto (default: a quarter)")
     p.add_argument("--method", choices=("usefulness", "angular"), default="usefulness",
                    help="how --drop auto chooses (default usefulness)")
     p.add_argument("--eval", dest="tasks", default=None, metavar="TASKS",
                    help="also compare zero-shot accuracy on these tasks (comma list)")
-    p.add_argument("--limit", type=int, default=None, help="examples per task (default: all)")
-    p.add_argument("--num-samples", type=int, default=8, help="calibration sequences for --drop auto (default 8)")
-    p.add_argument("--eval-samples", type=int, default=8, help="held-out sequences for perplexity (default 8)")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default 128)")
+    p.add_argument("--limit", type=common.Number(int, 1), default=None, help="examples per task (default: all)")
+    p.add_argument("--num-samples", type=common.Number(int, 1), default=8, help="calibration sequences for --drop auto (default 8)")
+    p.add_argument("--eval-samples", type=common.Number(int, 1), default=8, help="held-out sequences for perplexity (default 8)")
+    p.add_argument("--seq-len", type=common.Number(int, 2), default=128, help="tokens per sequence (default 128)")
     common.add_seed(p)
     p.add_argument("--data", default=None, help="held-out text: a file/folder or prepared dataset "
                    "(default: held-out Shakespeare)")

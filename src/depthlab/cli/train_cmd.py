@@ -33,8 +33,11 @@ def run(args) -> int:
     from depthlab.errors import ConfigError
     from depthlab.train.trainer import resume_config, train
 
-    if args.config and args.preset:
+    if args.config is not None and args.preset is not None:
         raise ConfigError("give either a config file or --preset, not both")
+    if "" in (args.config, args.preset):  # an empty name would silently mean the default preset
+        raise ConfigError("the config file or --preset is empty: name a YAML file or a preset "
+                          "(see 'depthlab config --presets')")
     overrides = parse_overrides(args.overrides)
     for key, value in (("trainer.device", args.device), ("trainer.dtype", args.dtype), ("trainer.seed", args.seed),
                        ("logging.progress", False if args.quiet else None)):
@@ -43,6 +46,6 @@ def run(args) -> int:
     if args.resume:  # the run's own config.yaml is the base: a preset or file given too is not read again
         cfg = resume_config(args.out, overrides)
     else:
-        cfg = load_config(args.config or args.preset or "tiny", overrides)
+        cfg = load_config(args.config or args.preset or "tiny", overrides)  # neither given: the tiny preset
     train(cfg, args.out, resume=args.resume)
     return 0

@@ -51,7 +51,7 @@ class TokenDataset:
                             f"{self.path}')")
         try:
             self.meta = json.loads(meta_path.read_text(encoding="utf-8"))
-            if self.meta.get("format") != FORMAT:
+            if not isinstance(self.meta, dict) or self.meta.get("format") != FORMAT:
                 raise DataError(f"{meta_path} is not a depthlab dataset description")
             if self.meta.get("format_version", 0) > FORMAT_VERSION:
                 raise DataError(f"{self.path} was prepared by a newer depthlab (format version "

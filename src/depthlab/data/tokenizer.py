@@ -19,6 +19,9 @@ EOT = "<|endoftext|>"
 
 MIN_VOCAB_SIZE = 258
 """256 byte symbols + the end-of-text token + at least one merge."""
+MAX_VOCAB_SIZE = 2**24
+"""The largest BPE depthlab asks for (16.8M; real vocabularies are below 1M): the tokenizers trainer reserves ~66 bytes
+per requested entry up front (2^30 entries: 70 GB) and aborts the whole process, uncatchably, when that fails."""
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int):
@@ -41,10 +44,13 @@ def train_bpe(texts: Iterable[str], vocab_size: int):
 
 
 def check_vocab_size(vocab_size: int) -> None:
-    """Refuse a BPE vocabulary too small to hold the byte alphabet, the end-of-text token and one merge."""
+    """Refuse a BPE vocabulary too small to hold the byte alphabet, the end-of-text token and one merge, or too
+    large for the tokenizers library."""
     if vocab_size < MIN_VOCAB_SIZE:
         raise DataError(f"vocab size {vocab_size} is too small for a byte-level BPE: need at least "
                         f"{MIN_VOCAB_SIZE} (256 bytes + {EOT} + one merge)")
+    if vocab_size > MAX_VOCAB_SIZE:
+        raise DataError(f"vocab size {vocab_size} is too large for a byte-level BPE: at most {MAX_VOCAB_SIZE}")
 
 
 def load_tokenizer(spec: str | Path):

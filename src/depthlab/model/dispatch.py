@@ -174,6 +174,8 @@ def validate_device_map(device_map, offload_folder, max_memory) -> tuple:
         max_memory = {(int(d.removeprefix("cuda:")) if isinstance(d, str) and d.removeprefix("cuda:").isdigit()
                        else d): parse_size(v, f"max_memory[{d!r}]") for d, v in max_memory.items()}
     if offload_folder is not None:
+        if not str(offload_folder).strip():  # Path("") is the current folder: never offload into it unasked
+            raise ModelLoadError("the offload folder is empty: name a folder (--offload-folder DIR)")
         folder = Path(offload_folder).expanduser()
         try:
             folder.mkdir(parents=True, exist_ok=True)

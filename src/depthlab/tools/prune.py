@@ -344,6 +344,7 @@ def prune_model(model: str | Path, drop, out: str | Path, *, n: int | None = Non
     new or empty unless `overwrite` (checked before any work), and is never the source model's folder.
     """
     from depthlab.analysis.defaults import default_fit_samples
+    from depthlab.analysis.engine import validate_ids
     from depthlab.data import calibration_samples
     from depthlab.loading import load_model
     from depthlab.precision import resolve_dtype
@@ -360,6 +361,7 @@ def prune_model(model: str | Path, drop, out: str | Path, *, n: int | None = Non
     fit_samples = default_fit_samples(ModelView(net).d_model, seq_len) if fitting else 0
     ids, fit_ids, sample = calibration_samples(tokenizer, data, num_samples + eval_samples, seq_len, fit_samples,
                                                seed=seed)
+    validate_ids(ids, ModelView(net))  # a --seq-len beyond the model's context is one line, before any forward
     calib, eval_ids = ids[:num_samples], ids[num_samples:]
     pruned, selection = prune(net, drop, unit=unit, input_ids=calib, n=n, method=method, fit_ids=fit_ids,
                               progress=progress)

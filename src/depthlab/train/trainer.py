@@ -189,6 +189,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: Dist, stop) -> TrainR
         raise ConfigError(f"{run_dir} already holds a run: pass --resume to continue it or choose another --out")
 
     check_fits(cfg, micro, device)
+    # read (and checked against its sha256) before any work, so a damaged dataset tokenizer writes nothing
+    tokenizer = None if run.tokenizer_path.exists() or not dist.is_main else dataset.tokenizer()
     torch.manual_seed(t.seed)
     model = Transformer(cfg.model).to(device)
     if state is not None:
@@ -205,8 +207,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool, dist: Dist, stop) -> TrainR
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run.config_path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        if not run.tokenizer_path.exists():
-            save_tokenizer(dataset.tokenizer(), run_dir)
+        if tokenizer is not None:
+            save_tokenizer(tokenizer, run_dir)
         G = cfg.model.n_heads // cfg.model.kv_heads
         print(f"depthlab {__version__} | L={cfg.model.n_layers} d={cfg.model.d_model} G={G} "
               f"T={cfg.model.seq_len} | {counts.summary()} | {dist.world_size} rank(s) on {device} "
