@@ -227,7 +227,10 @@ class TrainerConfig:
     device: str = "auto"
     """auto | cpu | cuda | cuda:N."""
     compile: bool = False
-    """torch.compile the model (GPU runs)."""
+    """torch.compile the whole model (inductor; C++ on CPU). Off by default, also on CPU: at the tiny study shape
+    (d128 L4 T128 b32) the compiled step was ≈1.14× faster but compiling took ≈2 min on 2 cores, and statistics
+    steps compile a second graph (their hooks change it), which a 600-step run does not earn back
+    (benchmarks/train_throughput.py measures it). For long GPU runs (the small preset sets it)."""
     fsdp: bool = False
     """Shard parameters with FSDP2 when running under torchrun."""
     log_interval: int = at_least(10, 1)
