@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -78,7 +79,7 @@ CONFIG_COMMANDS = {"config": ["config", "tiny"], "train": TRAIN,
 
 
 def _option_cases() -> list[tuple[str, str]]:
-    from depthlab.analysis.suite import METRICS
+    from depthlab.analysis.suite import METRICS, OPTION_BOUNDS
 
     wrong = {bool: ["1", '"yes"'], int: ['"abc"', "1.5", "NaN", "true", str(2**64)], float: ['"abc"', "NaN",
              "Infinity", "-Infinity", "true"], str: ["1", "[1]"]}
@@ -87,7 +88,19 @@ def _option_cases() -> list[tuple[str, str]]:
         for name, p in inspect.signature(fn).parameters.items():
             if p.kind == p.KEYWORD_ONLY and name not in ("engine", "progress") and type(p.default) in wrong:
                 cases += [(f"{metric}.{name}", v) for v in wrong[type(p.default)]]
+                bound = OPTION_BOUNDS.get(name)
+                if bound is not None:  # values outside the declared range: 0, -1, above the top
+                    edges = [0, -1, *([bound.hi * 2] if bound.hi is not None else [])]
+                    cases += [(f"{metric}.{name}", json.dumps(v)) for v in edges if _outside(bound, v)]
     return cases
+
+
+def _outside(bound, value) -> bool:
+    try:
+        bound.check("x", value)
+    except ConfigError:
+        return True
+    return False
 
 
 OPTION_CASES = _option_cases()

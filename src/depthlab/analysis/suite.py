@@ -20,7 +20,8 @@ from depthlab.analysis.profiles import angular_distance, variance_profile
 from depthlab.analysis.replacement import usefulness
 from depthlab.analysis.results import Result
 from depthlab.analysis.sparsity import attention_sparsity, weight_sparsity
-from depthlab.errors import AnalysisError
+from depthlab.config import Bound
+from depthlab.errors import AnalysisError, ConfigError
 
 METRICS: dict[str, Callable] = {
     "variance": variance_profile,
@@ -75,15 +76,21 @@ def resolve_options(options: dict[str, dict] | None) -> dict[str, dict]:
 
 FORM_CHECKS: dict[str, Callable] = {"permutation.pairs": check_pairs}
 """Options whose values take several forms (not only their default's type), checked by the metric's own rule."""
-POSITIVE_OPTIONS = ("micro_batch_size", "cache_budget_mb", "folds", "probes", "steps", "batch_tokens",
-                    "probe_sequences")
-"""Options that must be > 0 wherever a metric has them (sizes and counts); bootstrap=0 and power_iters=0 are valid
-(no intervals, no power iteration: doctor and prune use them)."""
+_POSITIVE, _NON_NEGATIVE = Bound(0, lo_open=True), Bound(0)
+OPTION_BOUNDS: dict[str, Bound] = {
+    **dict.fromkeys(("micro_batch_size", "cache_budget_mb", "folds", "probes", "steps", "batch_tokens",
+                     "probe_sequences", "lr", "abs_eps"), _POSITIVE),
+    **dict.fromkeys(("tau", "bootstrap", "power_iters", "seed"), _NON_NEGATIVE),
+    "confidence": Bound(0, 1, lo_open=True),
+}
+"""The valid range of an option wherever a metric has it (`depthlab.config.Bound`, like the config fields): sizes,
+counts and rates positive; bootstrap=0 and power_iters=0 are valid (no intervals, no power iteration: doctor and
+prune use them)."""
 
 
 def _check_option(name: str, value, default) -> None:
     """An option value must have its default's type (an int is fine for a float), be finite, and be positive for the
-    sizes and counts in POSITIVE_OPTIONS; options in FORM_CHECKS by their check, options whose default is None or a
+    ranges in OPTION_BOUNDS; options in FORM_CHECKS by their check, options whose default is None or a
     tuple by the metric."""
     import math
 
@@ -107,8 +114,12 @@ def _check_option(name: str, value, default) -> None:
     if not ok:
         raise AnalysisError(f"option {name}: expected a{' finite' if kind is float else 'n' if kind is int else ''} "
                             f"{kind.__name__}, got {value!r}")
-    if name.split(".")[-1] in POSITIVE_OPTIONS and value <= 0:
-        raise AnalysisError(f"option {name} must be positive, got {value!r}")
+    bound = OPTION_BOUNDS.get(name.split(".")[-1])
+    if bound is not None and kind in (int, float):
+        try:
+            bound.check(f"option {name}", value)
+        except ConfigError as e:
+            raise AnalysisError(str(e)) from None
 
 
 def analyze(model, input_ids, metrics=None, *, fit_ids=None, options: dict[str, dict] | None = None,
