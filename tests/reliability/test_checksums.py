@@ -85,6 +85,8 @@ def test_dataset_tokenizer_checksum(tiny_dataset, tmp_path):
     flip_byte(data / "tokenizer.json")
     with pytest.raises(DataError, match="tokenizer.json is corrupt"):
         TokenDataset(data).tokenizer()
+    with pytest.raises(DataError, match="tokenizer.json is corrupt"):  # data info --verify
+        TokenDataset(data).verify()
     del meta["tokenizer"]["file_sha256"]  # a dataset prepared before the checksum was recorded
     (data / "meta.json").write_text(json.dumps(meta))
     assert TokenDataset(data).tokenizer().encode("to be")

@@ -31,7 +31,7 @@ def register(sub, help_: str) -> None:
     info = actions.add_parser("info", help="describe a prepared dataset folder",
                               description="Print what a prepared dataset folder holds.")
     info.add_argument("dir", help="prepared dataset folder")
-    info.add_argument("--verify", action="store_true", help="also re-hash the shards against meta.json")
+    info.add_argument("--verify", action="store_true", help="also re-hash the tokenizer and shards against meta.json")
     common.add_json(info, "the dataset's meta.json")
     p.set_defaults(func=run, usage=p.format_usage)
 
@@ -52,7 +52,7 @@ def run(args) -> int:
         if args.verify:
             dataset.verify()
         if not common.emit_json(args, {"path": str(dataset.path), **dataset.meta, "verified": args.verify}):
-            print(_summary(dataset) + ("\nshards verified: sha256 match meta.json" if args.verify else ""))
+            print(_summary(dataset) + ("\ntokenizer and shards verified: sha256 match meta.json" if args.verify else ""))
         return 0
     print(args.usage(), end="")
     return 2

@@ -92,11 +92,14 @@ class TokenDataset:
     def tokenizer(self):
         """The dataset's tokenizer as a `transformers.PreTrainedTokenizerFast` (eos token set), checked against the
         sha256 in meta.json (datasets prepared before it was recorded have none)."""
+        self._check_tokenizer()
+        return tokenizer_from_file(self.path / "tokenizer.json", self.meta["tokenizer"]["special_tokens"])
+
+    def _check_tokenizer(self) -> None:
         path, recorded = self.path / "tokenizer.json", self.meta["tokenizer"].get("file_sha256")
         if recorded and file_sha256(path) != recorded:
             raise DataError(f"{path} is corrupt: it does not match its sha256 in meta.json; prepare the dataset "
                             "again with --overwrite")
-        return tokenizer_from_file(path, self.meta["tokenizer"]["special_tokens"])
 
     def documents(self) -> Iterator[dict]:
         """The document list, in shard order: name, split, token offset and count (+ char offset/count for val)."""
@@ -115,7 +118,8 @@ class TokenDataset:
                 for d in self.documents() if d["split"] == "val"]
 
     def verify(self) -> None:
-        """Re-hash every shard and compare with meta.json; raises DataError on a mismatch."""
+        """Re-hash the tokenizer and every shard and compare with meta.json; raises DataError on a mismatch."""
+        self._check_tokenizer()
         for split in SPLITS:
             if file_sha256(self.path / f"{split}.bin") != self.meta["splits"][split]["sha256"]:
                 raise DataError(f"{self.path} is corrupt: {split}.bin does not match its sha256 in meta.json; "
