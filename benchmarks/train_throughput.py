@@ -6,7 +6,9 @@ step) on identical token batches, interleaved step by step after a warm-up, so m
 - depthlab eager;
 - depthlab under ``torch.compile`` (inductor; C++ on CPU) of the whole model, as ``trainer.compile: true`` does;
 - depthlab with each block compiled on its own (``Block.compile()``, torchtitan's per-block compilation: one graph
-  for every block, so compile time does not grow with depth), a candidate for the trainer.
+  for every block, so compile time does not grow with depth), a candidate for the trainer, not used by it: forward
+  hooks registered on a block's attention/FFN after it was compiled do not fire, so the per-layer statistics'
+  branch values come out zero;
   The first step of a compiled trainer (the compilation) is timed separately and amortised over a ``--run-steps`` run
   (600: the tiny studies' length) in the "600-step" column;
 - HF ``LlamaForCausalLM`` built from the same weights (`depthlab.model.hf.to_hf`), eager, SDPA attention.
