@@ -110,7 +110,9 @@ def test_undecided_blocks_are_those_whose_interval_contains_the_threshold():
     got = usefulness(model, ids, fit_ids=fit, bootstrap=200, tau=tau)
     assert l in got.undecided
     assert got.undecided == [l for l, (a, b) in enumerate(got.ratio_intervals) if a <= 1 + tau <= b]
-    assert usefulness(model, ids, fit_ids=fit, bootstrap=0).undecided == []  # no intervals, nothing to decide
+    point = usefulness(model, ids, fit_ids=fit, bootstrap=0)  # no intervals, no jackknife: nothing to decide
+    assert point.undecided == [] and all(math.isnan(s) for s in point.fit_std)
+    assert point.loss_ratios == got.loss_ratios
 
 
 def test_bad_input_is_refused():

@@ -158,7 +158,8 @@ class Usefulness(Result):
     """Blocks whose ratio interval contains 1 + tau: the samples cannot tell whether they are useful (more evaluation
     tokens narrow the interval). The other blocks' `useful` holds at `confidence`."""
     fit_std: list[float]
-    """Jackknife standard deviation of each block's log loss ratio due to the fit sample alone."""
+    """Jackknife standard deviation of each block's log loss ratio due to the fit sample alone (NaN with
+    bootstrap=0, which skips the jackknife)."""
     confidence: float
     cross_fitted: bool
     """True when the maps were fitted on other folds of the evaluation sample (no separate fit sample given)."""
@@ -191,6 +192,8 @@ def usefulness(model, input_ids, *, fit_ids=None, tau: float = 0.10, folds: int 
     folds: groups of fit sequences for the jackknife (and the cross-fitting folds); at least 3.
     probe_sequences: evaluation sequences on which the jackknife refits are evaluated (each costs one more
     evaluation of those sequences per group).
+    bootstrap: resampling rounds of the intervals; 0 computes no intervals and skips the fit-variance jackknife
+    (the point estimates only, at the cost of one pass over the fit sample and one evaluation).
     disjoint: refuse a `fit_ids` that shares a run of OVERLAP_TOKENS tokens with `input_ids`.
     """
     if tau < 0:
@@ -225,8 +228,11 @@ def usefulness(model, input_ids, *, fit_ids=None, tau: float = 0.10, folds: int 
         refits = [(g,) for g in range(K)]
     maps = {key: neq.maps(key) for key in dict.fromkeys(excluded[s] for s in eval_eng.sequences)}
     nll0, nll = (eval_eng.gather_sequences(x) for x in _evaluate(eval_eng, maps, excluded, progress))
-    probe = Engine(model, ids[:probe_rows], micro_batch_size=micro_batch_size, cache_budget_mb=cache_budget_mb)
-    fit_dev = _jackknife(probe, neq, refits, eval_eng, progress)  # [G, L]
+    if bootstrap:  # the jackknife feeds only the intervals and fit_std
+        probe = Engine(model, ids[:probe_rows], micro_batch_size=micro_batch_size, cache_budget_mb=cache_budget_mb)
+        fit_dev = _jackknife(probe, neq, refits, eval_eng, progress)  # [G, L]
+    else:
+        fit_dev = torch.full((1, eval_eng.n_layers), float("nan"), dtype=torch.float64)
 
     eval_tokens = N * (ids.shape[1] - 1)
     ratios = nll.sum(1) / nll0.sum()
