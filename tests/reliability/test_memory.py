@@ -42,6 +42,8 @@ def test_cache_estimate_is_what_the_engine_caches(tiny_dataset, monkeypatch):
     ids = torch.randint(0, 300, (6, 24))
     engine = Engine(model, ids, micro_batch_size=2)
     METRICS["variance"](model, ids, engine=engine)  # caches every baseline with its branch outputs
+    for base in engine._cache.values():
+        assert base.nll is not None  # computed on first use; the plan counts it (loss-scoring metrics cache it)
     cached = sum(b.nbytes() for b in engine._cache.values())
     monkeypatch.setattr(depthlab.analysis.runner, "device_memory", lambda device: (None, 2**50))
     lines = []

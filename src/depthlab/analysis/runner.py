@@ -12,6 +12,7 @@ h heads, vocabulary V):
 
     states  S = e·T·d·(L+1 + 2L if variance runs) + 4·(T−1)   one sequence's cached baseline: h_0..h_L, the
                                                              branch outputs variance asks for, the fp32 NLL
+                                                             (computed and kept once a metric scores losses)
     work    = weights + B·S + e·B·T·(16·d + h·T) + 4·B·T·V     resident weights, one micro-batch's states and
                                                              block intermediates (FFN, attention probabilities),
                                                              its logits
