@@ -3,6 +3,7 @@ tiny Hugging Face Llama folder."""
 
 from __future__ import annotations
 
+import contextlib
 import random
 
 import pytest
@@ -13,13 +14,22 @@ from depthlab.config import load_config
 WORDS = ["thou", "art", "the", "king", "of", "all", "land", "and", "yet", "night", "is", "long", "o", "my", "lord", "what", "say", "you", "to", "this", "fair", "morning", "when", "sun", "doth", "rise", "upon", "sea"]
 
 
+@contextlib.contextmanager
+def one_torch_thread():
+    """One intra-op thread inside the block, the previous setting restored after it."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 @pytest.fixture(autouse=True)
 def _single_thread():
     """One intra-op thread: tests are tiny, and the 2-core CI machine runs other work beside them."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="session")

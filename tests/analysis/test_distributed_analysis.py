@@ -21,6 +21,7 @@ from depthlab.analysis.engine import DATA_PARALLEL_METRICS, Engine, check_data_p
 from depthlab.errors import AnalysisError
 from tests.analysis.conftest import V, build
 from tests.analysis.test_offload import saved  # noqa: F401 — the saved tiny model fixture
+from tests.conftest import one_torch_thread
 
 MICRO_BATCH = 2
 CALLS: dict[str, tuple[str, str, dict]] = {
@@ -101,10 +102,8 @@ def ranks(saved, text, tmp_path_factory):  # noqa: F811 — the imported fixture
 @pytest.fixture(scope="module", autouse=True)
 def single_thread():
     """The references run single-threaded, as the ranks do, so every matmul splits its work the same way."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -7,15 +7,14 @@ import torch
 
 from depthlab.data.tokenizer import train_bpe
 from depthlab.eval.tasks import TASKS, load_examples
+from tests.conftest import one_torch_thread
 
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """These models are tiny: one thread is as fast, and far faster when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="session")
