@@ -44,8 +44,10 @@ def test_diagnosis_matches_the_metrics_and_flags_an_identity_block():
         model.model.layers[2].mlp.down_proj.weight.zero_()
     ids = torch.randint(0, V, (12, 24), generator=torch.Generator().manual_seed(0))
     diag = diagnose(model, input_ids=ids, tau=0.05)  # cross-fitted: >= 216 fit tokens per map, 10·(d+1) = 170
-    ratios = usefulness(model, ids, bootstrap=0).loss_ratios
+    full = usefulness(model, ids, tau=0.05)  # the doctor's usefulness, intervals included
+    ratios = full.loss_ratios
     assert diag.loss_ratios == pytest.approx(ratios)
+    assert diag.undecided_blocks == full.undecided
     assert diag.useful_blocks == [l for l in range(4) if ratios[l] > 1.05]
     assert diag.effective_depth == len(diag.useful_blocks)
     identity = [b for b in diag.near_identity if b["layer"] == 2]

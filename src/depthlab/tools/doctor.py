@@ -246,7 +246,7 @@ def diagnose(model, tokenizer=None, input_ids: torch.Tensor | None = None, *, fi
 
     common = {"micro_batch_size": micro_batch_size, "progress": progress, "on_result": timed}
     res = analyze(model, input_ids, ["variance", "angular", "usefulness"], fit_ids=fit_ids,
-                  options={"usefulness": {"tau": tau, "bootstrap": 0}}, **common)
+                  options={"usefulness": {"tau": tau}}, **common)  # with intervals: undecided blocks are named
     var, ang, use = res["variance"], res["angular"], res["usefulness"]
     require_reliable(use, "doctor")
     jac = analyze(model, input_ids[:jacobian_samples], ["jacobian"], options={"jacobian": {
