@@ -180,7 +180,7 @@ def check_out(path: str | Path, flag: str = "--out", *, folder: bool = True) -> 
             raise FileSystemError(f"{flag} {path} is a file, not a folder")
         if not folder and path.is_dir():
             raise FileSystemError(f"{flag} {path} is a folder, not a file")
-        existing = resolved
+        existing = resolved.parent if not folder and resolved.exists() else resolved  # a file is replaced there
         while not existing.exists():
             existing = existing.parent
     except OSError as e:

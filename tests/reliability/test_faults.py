@@ -120,3 +120,17 @@ def test_non_finite_loss_via_the_command_line(finished_run, tmp_path, capsys):
     for path in ckpt.list_checkpoints(run / "checkpoints"):
         ckpt.verify(path)
         assert all(torch.isfinite(t).all() for t in load_file(path / ckpt.MODEL_FILE).values())
+
+
+def test_an_existing_file_can_be_replaced_by_a_file_output(tmp_path):
+    """Rerunning `doctor --json d.json` replaces d.json; only a folder output refuses an existing file."""
+    from depthlab.errors import FileSystemError
+    from depthlab.fileio import check_out
+
+    f = tmp_path / "d.json"
+    f.write_text("{}")
+    assert check_out(f, "--json", folder=False) == f
+    with pytest.raises(FileSystemError, match="is a file, not a folder"):
+        check_out(f, "--out")
+    with pytest.raises(FileSystemError, match="is a file, not a folder"):
+        check_out(f / "x.json", "--json", folder=False)
