@@ -227,10 +227,11 @@ class TrainerConfig:
     device: str = "auto"
     """auto | cpu | cuda | cuda:N."""
     compile: bool = False
-    """torch.compile the whole model (inductor; C++ on CPU). Off by default, also on CPU: at the tiny study shape
-    (d128 L4 T128 b32) the compiled step was ≈1.14× faster but compiling took ≈2 min on 2 cores, and statistics
-    steps compile a second graph (their hooks change it), which a 600-step run does not earn back
-    (benchmarks/train_throughput.py measures it). For long GPU runs (the small preset sets it)."""
+    """torch.compile the whole model (inductor; C++ on CPU). Off by default, also on CPU: at the tiny study shapes
+    (d128 T128 b32, L 2-16, measured alone on 2 cores) a compiled step is 1.03-1.13x faster than eager, but the
+    first compile takes 9-32 s (about 2 min on a loaded machine), which leaves 0.98-1.11x of HF over a 600-step run
+    against eager's 1.01-1.03x, and statistics steps compile a second graph on top (their hooks change it)
+    (docs/benchmarks.md, benchmarks/train_throughput.py). For long GPU runs (the small preset sets it)."""
     fsdp: bool = False
     """Shard parameters with FSDP2 when running under torchrun."""
     log_interval: int = at_least(10, 1)
