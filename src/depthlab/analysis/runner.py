@@ -13,9 +13,11 @@ h heads, vocabulary V):
     states  S = e·T·d·(L+1 + 2L if variance runs) + 4·(T−1)   one sequence's cached baseline: h_0..h_L, the
                                                              branch outputs variance asks for, the fp32 NLL
                                                              (computed and kept once a metric scores losses)
-    work    = weights + B·S + e·B·T·(16·d + h·T) + 4·B·T·V     resident weights, one micro-batch's states and
+    work    = weights + B·S + e·B·T·(16·d + h·T + L·d) + 4·B·T·V
+                                                             resident weights, one micro-batch's states and
                                                              block intermediates (FFN, attention probabilities),
-                                                             its logits
+                                                             the L streams of interventions resumed side by side
+                                                             (`Engine.resume_many`), its logits
     cache   = N·S, kept while it fits --cache-budget
 
 A working set beyond the memory available (plus the weights, already loaded) is refused in one line before anything
@@ -165,7 +167,8 @@ def plan_memory(net, view, num_sequences: int, seq_len: int, micro_batch_size: i
     T, d, L, B = seq_len, view.d_model, view.n_layers, min(micro_batch_size, num_sequences)
     per_sequence = e * T * d * (L + 1 + (2 * L if branches else 0)) + 4 * (T - 1)
     weights = sum(p.numel() * p.element_size() for p in net.parameters() if p.device.type == device.type)
-    work = weights + B * per_sequence + e * B * T * (16 * d + (view.n_heads or 1) * T) + 4 * B * T * view.vocab_size
+    work = (weights + B * per_sequence + e * B * T * (16 * d + (view.n_heads or 1) * T + L * d)
+            + 4 * B * T * view.vocab_size)
     available = device_memory(device)[1]
     if available is None:
         return cache_bytes
