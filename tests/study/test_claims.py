@@ -87,6 +87,17 @@ def test_weight_decay_contrasts_show_the_papers_numbers_when_settings_match():
     assert results["weight decay (λ 0 → max) lowers last-layer variance"]["effect"] is None  # no variance logged
 
 
+def test_a_metric_without_variation_says_so_instead_of_a_noisy_null():
+    runs = [_run(4, s, wd=wd, label=f"wd{wd:g}", usefulness=0.0, continuous_usefulness=0.01 * (s + wd))
+            for wd in (0.0, 0.1, 3.0) for s in range(3)]
+    results = {r["claim"]: r for r in claims.evaluate_study("weight_decay", runs)}
+    flat = results["moderate weight decay (λ 0 → 0.1) raises usefulness"]
+    assert flat["verdict"] == "inconclusive" and flat["why"] == (
+        "usefulness is 0 in every run: no block passes the threshold")
+    noisy = results["moderate weight decay (λ 0 → 0.1) raises usefulness (threshold-free: mean log loss ratio)"]
+    assert noisy["why"] == "the 95% interval includes 0"
+
+
 def test_usefulness_reliability_from_the_flag_or_the_fit_size():
     assert usefulness_reliable({"metrics": {"usefulness": {"score": 0.5, "reliable": False}}}) is False
     old = {"metrics": {"usefulness": {"score": 0.5}}, "model": {"d_model": 64},

@@ -201,6 +201,11 @@ def evaluate_claim(claim: Claim, runs: list[dict]) -> dict[str, Any]:
     out["n"] = len(used)
     out["unreliable"] = sum(1 for p in used if not p[-1])
     out["verdict"], out["why"] = verdict(out["effect"], out["half"], claim.direction, out["unreliable"])
+    if out["verdict"] == "inconclusive" and len(used) >= 2 and len({v for _, v, _ in used}) == 1:
+        # No variation at all is not a noisy null: say what every run gave (usually no block past the threshold).
+        value = math.exp(used[0][1]) if log else used[0][1]
+        out["why"] = ("usefulness is 0 in every run: no block passes the threshold" if
+                      claim.metric == "usefulness" and value == 0 else f"every run gives {_number(value)}")
     out["paper"] = paper_effect(claim, out["settings"])
     return out
 
