@@ -29,11 +29,15 @@ WIDTH = 10.0
 """Figure width in inches: 1000 px at DPI."""
 STYLE = {"font.size": 12, "axes.titlesize": 12, "axes.labelsize": 12, "xtick.labelsize": 11, "ytick.labelsize": 11,
          "legend.fontsize": 11, "figure.titlesize": 13}
-ANALYSIS_METRICS = (("usefulness", "usefulness"), ("causal", "causal effect"), ("permutation", "permutation score"))
+USEFULNESS_LABEL = "usefulness (fraction of useful blocks)"
+ANALYSIS_METRICS = (("usefulness", USEFULNESS_LABEL), ("causal", "causal effect"),
+                    ("permutation", "permutation score"))
 KNOB_LABELS = {"model.n_layers": r"depth $L$", "optimizer.weight_decay": r"weight decay $\lambda$",
                "model.seq_len": r"context $T$", "model.n_kv_heads": r"key/value heads $n_{\mathrm{kv}}$",
                "model.moe.num_experts": r"experts $E$", "model.moe.top_k": r"active experts $k$",
                "optimizer.lr": r"learning rate $\eta$", "model.d_model": r"width $d$"}
+FRACTION_LIMITS = (-0.05, 1.05)
+"""y range of every usefulness panel (a fraction of blocks)."""
 VAR_LABEL = r"last-layer variance $\mathrm{Var}(h_L)$"
 
 
@@ -116,7 +120,7 @@ def usefulness_vs_step(rows: list[dict], context: str = "") -> bytes | None:
     if not rows:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(WIDTH, 4.5))
-    panels = (("usefulness", "usefulness (fraction of useful blocks)"),
+    panels = (("usefulness", USEFULNESS_LABEL),
               ("continuous_usefulness", r"mean $\log(\mathcal{L}_\ell / \mathcal{L}_0)$"))
     for ax, (key, label) in zip(axes, panels):
         for row, color in zip(rows, _colors(len(rows))):
@@ -130,7 +134,7 @@ def usefulness_vs_step(rows: list[dict], context: str = "") -> bytes | None:
             if half is not None:
                 ax.fill_between(steps, mean - half, mean + half, color=color, alpha=0.15)
         ax.set(xlabel="training step", ylabel=label)
-    axes[0].set_ylim(-0.05, 1.05)
+    axes[0].set_ylim(*FRACTION_LIMITS)
     _legend(axes[1], rows)
     return _png(fig, "Usefulness during training", context)
 
@@ -211,6 +215,8 @@ def _per_metric(rows, knob, metrics, title, context) -> bytes | None:
         _errorbar(ax, x, rows, key, color=color)
         _finish_knob_axis(ax, knob, x, ticks)
         ax.set_ylabel(label)
+        if key == "usefulness":
+            ax.set_ylim(*FRACTION_LIMITS)  # a fraction of blocks: show all of [0, 1], so 0 reads as 0 and not as noise
     return _png(fig, title, context)
 
 
@@ -225,7 +231,7 @@ def analysis_vs_knob(rows: list[dict], knob: str | None, context: str = "") -> b
 def ppl_usefulness_vs_knob(rows: list[dict], knob: str | None, context: str = "") -> bytes | None:
     """Perplexity, usefulness and its threshold-free form (the mean log loss ratio) vs the knob."""
     name = KNOB_LABELS.get(knob, knob or "setting")
-    return _per_metric(rows, knob, (("ppl", "perplexity"), ("usefulness", "usefulness"),
+    return _per_metric(rows, knob, (("ppl", "perplexity"), ("usefulness", USEFULNESS_LABEL),
                                     ("continuous_usefulness", r"mean $\log(\mathcal{L}_\ell / \mathcal{L}_0)$")),
                        f"Perplexity and usefulness vs {name}", context)
 
@@ -248,7 +254,7 @@ def accuracy_bars(rows: list[dict], context: str = "") -> bytes | None:
     if useful:
         ax2.errorbar([u[0] for u in useful], [u[1]["mean"] for u in useful],
                      yerr=[u[1].get("half") or 0.0 for u in useful], fmt="D", color="C3", capsize=4)
-        ax2.set_ylim(-0.05, 1.05)
+        ax2.set_ylim(*FRACTION_LIMITS)
     ax2.set_xticks(x, [r["label"] for r in rows], rotation=30, ha="right")
-    ax2.set_ylabel("usefulness")
+    ax2.set_ylabel(USEFULNESS_LABEL)
     return _png(fig, "Average accuracy and usefulness per setting", context)
