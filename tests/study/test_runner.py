@@ -44,8 +44,8 @@ def test_micro_study_end_to_end_with_a_failing_run(tiny_dataset, tmp_path):
     spec = load_spec(micro(tiny_dataset, [{"name": "L1", "model.n_layers": 1},
                                           {"name": "L2", "model.n_layers": 2},
                                           {"name": "broken", "model.vocab_size": 100}],
-                           analysis=["variance", "usefulness"], perplexity=True, dynamics=[1 / 3, 2 / 3],
-                           dynamics_analysis=["usefulness"]))
+                           analysis=["variance", "usefulness", "moe"], perplexity=True, dynamics=[1 / 3, 2 / 3],
+                           dynamics_analysis=["usefulness", "moe"]))  # moe: skipped for these dense runs
     out = tmp_path / "study"
     logged = []
     states = run_study(spec, out, jobs=2, log=logged.append)
@@ -65,7 +65,7 @@ def test_micro_study_end_to_end_with_a_failing_run(tiny_dataset, tmp_path):
             early = json.loads((run / "dynamics" / f"step_{step:06d}" / "results.json").read_text())
             assert list(early["metrics"]) == ["usefulness"] and early["model"]["ref"].endswith(f"step_{step:06d}")
         analysis = json.loads((run / "analysis" / "results.json").read_text())
-        assert len(analysis["metrics"]["usefulness"]["useful"]) == n_layers
+        assert len(analysis["metrics"]["usefulness"]["useful"]) == n_layers and "moe" not in analysis["metrics"]
         assert json.loads((run / "eval" / "results.json").read_text())["perplexity"]["tokens"] > 0
         assert steps(run / "layer_stats.jsonl") == [1, 3, 6, 9, 12]
     rows = {r["label"]: r for r in aggregate(out)["rows"]}

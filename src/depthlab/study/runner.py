@@ -209,6 +209,13 @@ def _train(run_dir: Path, info: dict) -> dict[str, Any]:
     return {"step": result.step, "tokens": result.tokens}
 
 
+def _applicable(metrics: list[str], info: dict) -> list[str]:
+    """The study's metrics that apply to this run: a study comparing dense and MoE runs lists ``moe`` for all of
+    them, and the router statistics do not exist for the dense ones (analyze refuses an explicit ``moe`` there)."""
+    dense = not info["config"]["model"]["moe"]["num_experts"]
+    return [m for m in metrics if not (dense and m == "moe")]
+
+
 def _measure(run_dir: Path, info: dict, log) -> list[str]:
     """Baselines, evaluation, analysis and the analysis of earlier checkpoints of the trained run; each is skipped
     when its results already exist."""
@@ -243,7 +250,7 @@ def _measure(run_dir: Path, info: dict, log) -> list[str]:
     if measure["analysis"]:
         from depthlab.analysis import run_analysis
 
-        run_analysis(str(run_dir), run_dir / "analysis", metrics=measure["analysis"], **sample)
+        run_analysis(str(run_dir), run_dir / "analysis", metrics=_applicable(measure["analysis"], info), **sample)
         done.append("analysis")
     steps = dynamics_steps(measure.get("dynamics", []), info["config"]["trainer"]["max_steps"])
     if steps and measure.get("dynamics_analysis"):
@@ -254,8 +261,8 @@ def _measure(run_dir: Path, info: dict, log) -> list[str]:
             if not checkpoint.is_dir():
                 raise StudyError(f"checkpoint {checkpoint} is gone (trainer.keep_every changed?): cannot measure "
                                  f"step {step} of the training dynamics")
-            run_analysis(str(checkpoint), run_dir / "dynamics" / checkpoint.name, metrics=measure["dynamics_analysis"],
-                         **sample)
+            run_analysis(str(checkpoint), run_dir / "dynamics" / checkpoint.name,
+                         metrics=_applicable(measure["dynamics_analysis"], info), **sample)
         done.append("dynamics")
     return done
 
