@@ -78,6 +78,8 @@ def test_micro_study_end_to_end_with_a_failing_run(tiny_dataset, tmp_path):
     before = (out / "runs" / "L1" / "done.json").stat().st_mtime_ns
     logged.clear()
     assert run_study(spec, out, jobs=1, log=logged.append)["broken"] == "failed"  # retried, fails again
+    again = json.loads((out / "runs" / "broken" / "failed.json").read_text())
+    assert again["attempt"] == 2 and again["seconds"] > failed["seconds"] > 0  # wall time summed over attempts
     assert "skip   L1 (done)" in logged and "skip   L2 (done)" in logged
     assert (out / "runs" / "L1" / "done.json").stat().st_mtime_ns == before
 

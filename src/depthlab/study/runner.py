@@ -10,7 +10,8 @@ Study folder layout::
     STUDY/runs/NAME/baselines.json   unigram and add-one bigram cross-entropy on the run's validation windows
     STUDY/runs/NAME/log.txt          stdout and stderr of every attempt
     STUDY/runs/NAME/done.json        written atomically last: the run is finished and is skipped from now on
-    STUDY/runs/NAME/failed.json      the error of the last attempt (a rerun retries the run, resuming it)
+    STUDY/runs/NAME/failed.json      the error of the last attempt (a rerun retries the run, resuming it), and the
+                                     seconds spent so far, which done.json's wall time includes
     STUDY/runs/NAME/running.json     pid and host of the attempt in progress
 
 Each run is a subprocess (``python -m depthlab.study.runner RUN_DIR``, or the same module under ``torchrun`` for
@@ -172,20 +173,27 @@ def execute_run(run_dir: str | Path, log=print) -> dict[str, Any]:
     rank = int(os.environ.get("RANK", "0"))
     if rank != 0:
         return _train(run_dir, info)
+    # A retry resumes the failed attempts' work, so the run's wall time is the sum over its attempts.
+    earlier = read_json(run_dir / "failed.json") or {}
+    earlier_seconds, attempt = earlier.get("seconds", 0.0), earlier.get("attempt", 0) + 1
     (run_dir / "failed.json").unlink(missing_ok=True)
     _write_json(run_dir / "running.json", {"pid": os.getpid(), "host": socket.gethostname(), "started": _now()})
     start, load_start = time.perf_counter(), _load_average()
+
+    def seconds() -> float:
+        return round(earlier_seconds + time.perf_counter() - start, 3)
+
     try:
         result = _train(run_dir, info)
         measured = _measure(run_dir, info, log)
-        done = {"name": info["name"], "finished": _now(), "seconds": round(time.perf_counter() - start, 1),
+        done = {"name": info["name"], "finished": _now(), "seconds": seconds(), "attempts": attempt,
                 "load_average": {"start": load_start, "end": _load_average()}, **result, "measured": measured}
         _write_json(run_dir / "done.json", done)
         return done
     except BaseException as e:
         _write_json(run_dir / "failed.json", {"name": info["name"], "error": f"{type(e).__name__}: {e}",
                                               "traceback": traceback.format_exc(), "log": "log.txt",
-                                              "failed": _now()})
+                                              "failed": _now(), "seconds": seconds(), "attempt": attempt})
         raise
     finally:
         (run_dir / "running.json").unlink(missing_ok=True)
