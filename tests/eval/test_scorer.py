@@ -81,6 +81,28 @@ def test_truncation_keeps_the_last_tokens(llama, tokenizer):
     assert score.logprob == pytest.approx(brute_force(llama, tokenizer, context, continuation, 32)[0], abs=1e-4)
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("pack", [True, False])
+def test_continuation_longer_than_the_context_is_scored_in_windows(llama, tokenizer, pack):
+    """Each token of an overlong continuation is scored once, in windows of max_length tokens ending at a piece of
+    at most max_length // 2 targets (so it sees >= half a context): written out token by token here."""
+    context, continuation, max_length = "Question: what then?", " and then" * 30, 16
+    stripped = context.rstrip()
+    whole = tokenizer.encode(stripped + continuation)
+    first = len(tokenizer.encode(stripped))
+    assert len(whole) - first > 2 * max_length  # the case under test: several pieces
+    expected = 0.0
+    for start in range(first, len(whole), max_length // 2):
+        end = min(start + max_length // 2, len(whole))
+        window = whole[max(0, end - max_length - 1):end - 1]
+        logprobs = torch.log_softmax(llama(torch.tensor([window])).logits[0].double(), -1)[-(end - start):]
+        expected += logprobs[torch.arange(end - start), torch.tensor(whole[start:end])].sum().item()
+    short = ("Question: why?", " because")
+    scores = loglikelihoods(llama, tokenizer, [(context, continuation), short], max_length=max_length, pack=pack)
+    assert scores[0].logprob == pytest.approx(expected, abs=1e-4) and scores[0].n_tokens == len(whole) - first
+    assert scores[1].logprob == pytest.approx(brute_force(llama, tokenizer, *short, max_length)[0], abs=1e-4)
+
+
 def test_greedy_flag(llama, tokenizer):
     """A continuation made of the model's own argmax tokens is greedy; changing its last token makes it not."""
     ids = tokenizer.encode("Question: what is it?\nAnswer:")

@@ -5,6 +5,9 @@ Semantics follow lm-evaluation-harness's Hugging Face backend exactly, so the de
   continuation`` and the continuation's tokens are whatever follows the context's own tokenization;
 - strings are tokenized with the tokenizer's default special tokens (a BOS where the tokenizer adds one);
 - a sequence longer than the model's context keeps its last ``context_length + 1`` tokens.
+- a continuation longer than the context itself (lm-eval would mis-score it) is scored in windows, as rolling
+  log-likelihood is: pieces of at most half the context, each token conditioned on at least half a context of the
+  tokens before it; its Score sums the pieces. Continuations that fit are scored exactly as above.
 
 What makes it fast, without changing any number:
 - **Shared prefixes run once.** A causal model's logits at a token depend only on the tokens before it. The choices
@@ -198,15 +201,18 @@ def loglikelihoods(model, tokenizer, requests: list[tuple[str, str]], *, groups:
         raise EvalError(f"batch_size and max_tokens must be >= 1, got {batch_size} and {max_tokens}")
     max_len = max_length or context_length(model)
     pack = _accepts(model, "attention_mask", "position_ids") if pack is None else pack
-    inputs, targets = [], []
-    for context_ids, continuation_ids in encode_pairs(tokenizer, requests):
-        if len(continuation_ids) > max_len:
-            raise EvalError(f"a continuation of {len(continuation_ids)} tokens exceeds the model's context "
-                            f"of {max_len}")
-        inputs.append(tuple((context_ids + continuation_ids)[-(max_len + 1):-1]))
-        targets.append(continuation_ids)
+    inputs, targets, request_of, piece_keys = [], [], [], []  # one entry per scored piece
+    for r, (context_ids, continuation_ids) in enumerate(encode_pairs(tokenizer, requests)):
+        sequence = context_ids + continuation_ids
+        pieces = _pieces(len(sequence), len(continuation_ids), max_len)
+        for k, (start, end) in enumerate(pieces):
+            inputs.append(tuple(sequence[max(0, end - max_len - 1):end - 1]))
+            targets.append(continuation_ids[start - len(context_ids):end - len(context_ids)])
+            request_of.append(r)
+            piece_keys.append(None if len(pieces) == 1 else ("piece", r, k))  # a window of its own
     if pack:
-        keys = groups if groups is not None else [seq[:len(seq) - len(t) + 1] for seq, t in zip(inputs, targets)]
+        keys = [key if key is not None else (groups[r] if groups is not None else seq[:len(seq) - len(t) + 1])
+                for key, r, seq, t in zip(piece_keys, request_of, inputs, targets)]
     else:
         keys = _plan_rows(inputs)[1]
     members: dict = {}
@@ -217,9 +223,9 @@ def loglikelihoods(model, tokenizer, requests: list[tuple[str, str]], *, groups:
 
     device = model_device(model)
     dtype = next(model.parameters()).dtype
-    logprob = torch.zeros(len(requests), dtype=torch.float64)
-    greedy = torch.ones(len(requests), dtype=torch.bool)
-    bar = tqdm(total=len(requests), desc="scoring", unit="req", disable=not progress, leave=False)
+    logprob = torch.zeros(len(inputs), dtype=torch.float64)
+    greedy = torch.ones(len(inputs), dtype=torch.bool)
+    bar = tqdm(total=len(inputs), desc="scoring", unit="req", disable=not progress, leave=False)
     for batch in token_batches(rows, batch_size, max_tokens):
         width = len(batch[0])
         ids = torch.zeros(len(batch), width, dtype=torch.long)
@@ -242,7 +248,22 @@ def loglikelihoods(model, tokenizer, requests: list[tuple[str, str]], *, groups:
         token_lp = picked.gather(1, tgt_t[:, None]).squeeze(1).double()
         logprob.index_add_(0, owner_t, token_lp)
         miss = (picked.argmax(-1) != tgt_t).long()
-        greedy &= torch.zeros(len(requests), dtype=torch.long).index_add_(0, owner_t, miss) == 0
+        greedy &= torch.zeros(len(inputs), dtype=torch.long).index_add_(0, owner_t, miss) == 0
         bar.update(sum(len(row.reads) for row in batch))
     bar.close()
-    return [Score(float(lp), len(t), bool(g)) for lp, t, g in zip(logprob.tolist(), targets, greedy.tolist())]
+    owner = torch.tensor(request_of)
+    total = torch.zeros(len(requests), dtype=torch.float64).index_add_(0, owner, logprob)
+    misses = torch.zeros(len(requests), dtype=torch.long).index_add_(0, owner, (~greedy).long())
+    lengths = torch.tensor([len(t) for t in targets])
+    n_tokens = torch.zeros(len(requests), dtype=torch.long).index_add_(0, owner, lengths)
+    return [Score(float(lp), int(n), not m) for lp, n, m in zip(total.tolist(), n_tokens.tolist(), misses.tolist())]
+
+
+def _pieces(n_sequence: int, n_continuation: int, max_len: int) -> list[tuple[int, int]]:
+    """[start, end) spans of the sequence to score: the whole continuation when it fits the context, else pieces of
+    at most max_len // 2 tokens, so that each token sees at least max_len - max_len // 2 tokens before it."""
+    start = n_sequence - n_continuation
+    if n_continuation <= max_len:
+        return [(start, n_sequence)]
+    stride = max(1, max_len // 2)
+    return [(s, min(s + stride, n_sequence)) for s in range(start, n_sequence, stride)]
