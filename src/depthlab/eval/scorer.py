@@ -5,7 +5,7 @@ Semantics follow lm-evaluation-harness's Hugging Face backend exactly, so the de
   continuation`` and the continuation's tokens are whatever follows the context's own tokenization;
 - strings are tokenized with the tokenizer's default special tokens (a BOS where the tokenizer adds one);
 - a sequence longer than the model's context keeps its last ``context_length + 1`` tokens.
-- a continuation longer than the context itself (lm-eval would mis-score it) is scored in windows, as rolling
+- a continuation longer than the context itself (no single window can hold it) is scored in windows, as rolling
   log-likelihood is: pieces of at most half the context, each token conditioned on at least half a context of the
   tokens before it; its Score sums the pieces. Continuations that fit are scored exactly as above.
 
