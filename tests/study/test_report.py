@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import re
 import statistics
 
@@ -81,3 +82,51 @@ def test_compare_two_runs(study, tmp_path, capsys):
     assert "| model.n_layers | 12 → 3 |" in out.read_text()
     assert "block" in capsys.readouterr().out
     assert main(["compare", str(a), str(tmp_path)]) == 2
+
+
+def _reanalysis(run, name, *, usefulness, num_samples, seq_len, model_seq_len=None):
+    """A re-analysis folder RUN/NAME as `depthlab analyze RUN --out RUN/NAME` writes it (the fields the report
+    reads), optionally with the run trained at another context length."""
+    (run / name).mkdir()
+    (run / name / "results.json").write_text(json.dumps({
+        "metrics": {"usefulness": {"score": usefulness}, "causal": {"mean_effect": 0.9}},
+        "settings": {"num_samples": num_samples, "seq_len": seq_len}}))
+    if model_seq_len is not None:
+        info = json.loads((run / "run.json").read_text())
+        info["config"]["model"]["seq_len"] = model_seq_len
+        (run / "run.json").write_text(json.dumps(info))
+
+
+def test_report_reads_another_analysis_folder(study, tmp_path):
+    runs = study / "runs"
+    _reanalysis(runs / "L12__s0", "own", usefulness=0.25, num_samples=64, seq_len=32, model_seq_len=32)
+    _reanalysis(runs / "L12__s1", "own", usefulness=0.0, num_samples=8, seq_len=256, model_seq_len=256)
+    default, other = aggregate(study), aggregate(study, analysis="own")
+    assert {r["label"]: r for r in default["rows"]}["L12"]["metrics"]["usefulness"]["mean"] == pytest.approx(0.625)
+    row = {r["label"]: r for r in other["rows"]}["L12"]
+    assert row["metrics"]["usefulness"]["mean"] == pytest.approx(0.125)
+    assert row["metrics"]["causal"]["mean"] == pytest.approx(0.9)
+    assert "usefulness" not in {r["label"]: r for r in other["rows"]}[EVIL]["metrics"]  # no re-analysis there
+    assert all(run["dynamics"] == [] for run in other["runs"])  # the study's checkpoints used the study's sample
+    assert other["context"].endswith("analysis at each run's own T, 2048 tokens per run, 2 seeds")
+    _, md_path = write_report(study, tmp_path / "own", analysis="own")
+    md = md_path.read_text()
+    assert md.startswith("# depthlab study: hand, analysis from own/")
+    assert "read from each run's own/ folder" in md and "| L12 | 2 |" in md
+
+
+def test_context_names_one_shared_analysis_sample(study):
+    for name in ("L12__s0", "L12__s1"):
+        _reanalysis(study / "runs" / name, "short", usefulness=0.5, num_samples=16, seq_len=64)
+    assert aggregate(study, analysis="short")["context"].endswith("analysis 16×64 tokens, 2 seeds")
+
+
+def test_report_cli_rejects_a_missing_or_unsafe_analysis_folder(study, capsys):
+    assert main(["report", str(study), "--analysis", "nothing"]) == 2
+    err = capsys.readouterr().err
+    assert "no run of" in err and "nothing/results.json" in err and len(err.strip().splitlines()) == 1
+    assert main(["report", str(study), "--analysis", "../x"]) == 2
+    assert "must be the name of a folder" in capsys.readouterr().err
+    _reanalysis(study / "runs" / "L12__s0", "own", usefulness=0.25, num_samples=4, seq_len=32)
+    assert main(["report", str(study), "--analysis", "own"]) == 0
+    assert "analysis from own/" in (study / "report" / "report.md").read_text()

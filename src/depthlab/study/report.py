@@ -3,6 +3,9 @@
 `aggregate` reads only files: each run's ``run.json``, ``metrics.jsonl``, ``layer_stats.jsonl``,
 ``eval/results.json`` and ``analysis/results.json``; so it works on any folder with that layout, finished or not.
 Only finished runs (``done.json``) enter the table and figures; the others are listed with their state.
+`analysis` names another folder of each run to read the analysis from instead, e.g. a re-analysis with
+``depthlab analyze RUN --out RUN/NAME`` on a different sample; the training-dynamics checkpoints, measured on the
+study's own sample, are then left out so that no curve mixes two samples.
 
 Table values per run: val loss = the training run's final validation loss (nats/token); PPL = the held-out
 perplexity measured after training when the study asked for it, else exp(val loss); usefulness, causal and
@@ -60,15 +63,20 @@ def _read_jsonl(path: Path) -> list[dict]:
     return out
 
 
-def read_run(run_dir: str | Path) -> dict[str, Any]:
-    """Everything the report needs from one run folder (missing files give missing values, never errors)."""
+DEFAULT_ANALYSIS = "analysis"
+"""The folder of a study run that the study runner writes its analysis to."""
+
+
+def read_run(run_dir: str | Path, analysis: str = DEFAULT_ANALYSIS) -> dict[str, Any]:
+    """Everything the report needs from one run folder (missing files give missing values, never errors), with the
+    analysis read from its folder `analysis`."""
     run_dir = Path(run_dir)
     info = read_json(run_dir / "run.json") or {}
     metrics = _read_jsonl(RunDir(run_dir).metrics_path)
     stats = _read_jsonl(RunDir(run_dir).layer_stats_path)
     evaluation = read_json(run_dir / "eval" / "results.json") or {}
-    analysis_results = read_json(run_dir / "analysis" / "results.json") or {}
-    analysis = analysis_results.get("metrics", {})
+    analysis_results = read_json(run_dir / analysis / "results.json") or {}
+    analysed = analysis_results.get("metrics", {})
     values: dict[str, float] = {}
     train_lines = [m for m in metrics if "loss" in m]
     val_lines = [m for m in metrics if "val_loss" in m]
@@ -85,9 +93,9 @@ def read_run(run_dir: str | Path) -> dict[str, Any]:
     for key, metric, field in (("usefulness", "usefulness", "score"),
                                ("continuous_usefulness", "usefulness", "continuous_score"),
                                ("causal", "causal", "mean_effect"), ("permutation", "permutation", "mean_score")):
-        if metric in analysis and analysis[metric].get(field) is not None:
-            values[key] = analysis[metric][field]
-    jacobian = analysis.get("jacobian", {}).get("layers")
+        if metric in analysed and analysed[metric].get(field) is not None:
+            values[key] = analysed[metric][field]
+    jacobian = analysed.get("jacobian", {}).get("layers")
     if stats:
         values["last_var"] = stats[-1]["layers"][-1]["out_var"]
     baselines = read_json(run_dir / "baselines.json") or {}
@@ -104,10 +112,18 @@ def read_run(run_dir: str | Path) -> dict[str, Any]:
         "baselines": baselines,
         "beats_bigram": (values["val_loss"] < baselines["bigram"]) if "bigram" in baselines and "val_loss" in values
         else None,
-        "dynamics": _dynamics(run_dir, final_step, analysis_results),
+        "dynamics": _dynamics(run_dir, final_step, analysis_results) if analysis == DEFAULT_ANALYSIS else [],
+        "analysis_sample": _sample(analysis_results),
         "seconds": done.get("seconds"), "load_average": done.get("load_average"),
         "error": (read_json(run_dir / "failed.json") or {}).get("error"),
     }
+
+
+def _sample(results: dict) -> tuple[int, int] | None:
+    """(sequences, tokens per sequence) an analysis was evaluated on, from its results.json."""
+    settings = results.get("settings", {})
+    return (settings["num_samples"], settings["seq_len"]) if "num_samples" in settings and "seq_len" in settings \
+        else None
 
 
 def usefulness_reliable(results: dict) -> bool:
@@ -160,12 +176,13 @@ def _summary(values: list[float]) -> dict[str, float | int | None] | None:
             "n": len(values)}
 
 
-def aggregate(study_dir: str | Path) -> dict[str, Any]:
-    """The study's spec, every run's record, and one row per setting over its finished seeds."""
+def aggregate(study_dir: str | Path, analysis: str = DEFAULT_ANALYSIS) -> dict[str, Any]:
+    """The study's spec, every run's record (its analysis read from the run's folder `analysis`), and one row per
+    setting over its finished seeds."""
     study_dir = Path(study_dir)
     folders = list_runs(study_dir)
     spec = yaml.safe_load((study_dir / "study.yaml").read_text()) or {}
-    runs = [read_run(f) for f in folders]
+    runs = [read_run(f, analysis) for f in folders]
     reference = spec.get("reference")
     rows: dict[str, dict] = {}
     for run in runs:
@@ -197,7 +214,7 @@ def aggregate(study_dir: str | Path) -> dict[str, Any]:
     knobs = spec.get("knobs") or []
     return {"study_dir": str(study_dir), "spec": spec, "runs": runs, "rows": list(rows.values()),
             "knobs": knobs, "reference": reference, "claims": claims.evaluate_study(reference, runs),
-            "context": _context(spec, runs)}
+            "context": _context(spec, runs), "analysis": analysis}
 
 
 def _context(spec: dict, runs: list[dict]) -> str:
@@ -213,12 +230,30 @@ def _context(spec: dict, runs: list[dict]) -> str:
                               ("trainer", "max_steps", "{} steps"), ("trainer", "batch_size", "batch {}")):
         if (text := common(section, key, fmt)) is not None:
             parts.append(text)
-    measure = spec.get("measure") or {}
-    if measure.get("analysis"):
-        parts.append(f"analysis {measure.get('analysis_samples')}×{measure.get('analysis_seq_len')} tokens")
+    if (sample := _analysis_context(spec, [r for r in runs if r["state"] == "done"])) is not None:
+        parts.append(sample)
     seeds = spec.get("seeds") or []
     parts.append(f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''}")
     return ", ".join(parts)
+
+
+def _analysis_context(spec: dict, runs: list[dict]) -> str | None:
+    """The analysis sample as the finished runs' results record it (the spec's when none does): one N×T for all,
+    or, for a re-analysis at each run's own context length, the tokens per run."""
+    samples = {r["analysis_sample"] for r in runs if r["analysis_sample"]}
+    if not samples:
+        measure = spec.get("measure") or {}
+        return f"analysis {measure['analysis_samples']}×{measure['analysis_seq_len']} tokens" if measure.get(
+            "analysis") else None
+    if len(samples) == 1:
+        n, t = samples.pop()
+        return f"analysis {n}×{t} tokens"
+    tokens = {n * t for n, t in samples}
+    own = all(r["analysis_sample"][1] == r["config"].get("model", {}).get("seq_len") for r in runs
+              if r["analysis_sample"])
+    where = "each run's own T" if own else "T " + "/".join(str(t) for t in sorted({t for _, t in samples}))
+    amount = f"{tokens.pop()} tokens" if len(tokens) == 1 else "varying tokens"
+    return f"analysis at {where}, {amount} per run"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -336,7 +371,9 @@ def _claims_table(agg: dict) -> tuple[tuple[str, ...], list[list[str]]] | None:
 
 def _title(agg: dict) -> str:
     spec = agg["spec"]
-    return f"depthlab study: {spec.get('name', '?')}" + (f" ({spec['scale']} scale)" if spec.get("scale") else "")
+    scale = f" ({spec['scale']} scale)" if spec.get("scale") else ""
+    other = f", analysis from {agg['analysis']}/" if agg.get("analysis", DEFAULT_ANALYSIS) != DEFAULT_ANALYSIS else ""
+    return f"depthlab study: {spec.get('name', '?')}{scale}{other}"
 
 
 def _intro(agg: dict) -> list[str]:
@@ -358,6 +395,10 @@ def _intro(agg: dict) -> list[str]:
                          "paper column is shown.")
     done = sum(run["state"] == "done" for run in agg["runs"])
     lines.append(f"{done} of {len(agg['runs'])} runs finished; unfinished runs are left out of the table and figures.")
+    if agg.get("analysis", DEFAULT_ANALYSIS) != DEFAULT_ANALYSIS:
+        lines.append(f"The analysis metrics are read from each run's {agg['analysis']}/ folder, a re-analysis of the "
+                     "trained model, not from the study's own analysis; the training-dynamics figure, measured on "
+                     "the study's sample, is left out.")
     if (baselines := _baselines_line(agg)) is not None:
         lines.append(baselines)
     if any(row["unreliable"] for row in agg["rows"]):
@@ -438,14 +479,26 @@ def render_html(agg: dict, figure_pngs: list[tuple[str, str, bytes]]) -> str:
     return "\n".join(parts) + "\n"
 
 
-def write_report(study_dir: str | Path, out: str | Path | None = None) -> tuple[Path, Path]:
+def write_report(study_dir: str | Path, out: str | Path | None = None,
+                 analysis: str = DEFAULT_ANALYSIS) -> tuple[Path, Path]:
     """Write ``report.html`` (self-contained), ``report.md`` and ``figures/*.png`` into `out`
-    (default STUDY/report); returns the HTML and Markdown paths."""
+    (default STUDY/report), the analysis read from each run's folder `analysis`; returns the HTML and Markdown
+    paths."""
     study_dir = Path(study_dir)
+    _check_study(study_dir, analysis)
+    out = Path(out) if out is not None else study_dir / "report"
+    return _write(aggregate(study_dir, analysis), out)
+
+
+def _check_study(study_dir: Path, analysis: str) -> None:
     if not (study_dir / "study.yaml").exists():
         raise StudyError(f"{study_dir} is not a study folder (no study.yaml)")
-    out = Path(out) if out is not None else study_dir / "report"
-    return _write(aggregate(study_dir), out)
+    if analysis != DEFAULT_ANALYSIS:
+        if not analysis or analysis in (".", "..") or "/" in analysis or "\\" in analysis:
+            raise StudyError(f"--analysis {analysis!r} must be the name of a folder inside each run folder")
+        if not any((run / analysis / "results.json").exists() for run in list_runs(study_dir)):
+            raise StudyError(f"no run of {study_dir} has {analysis}/results.json (write one with 'depthlab "
+                             f"analyze RUN --out RUN/{analysis}')")
 
 
 def _write(agg: dict, out: Path) -> tuple[Path, Path]:
@@ -503,17 +556,17 @@ def render_combined(aggs: list[dict], reports: list[Path | None], where: Path) -
 
 
 def write_reports(study_dirs: list[str | Path], out: str | Path | None = None,
-                  combined: str | Path | None = None) -> list[Path]:
+                  combined: str | Path | None = None, analysis: str = DEFAULT_ANALYSIS) -> list[Path]:
     """Write each study's report (one study: into `out`; several: into ``out/<study folder name>``, default each
-    STUDY/report) and, with `combined`, the combined claims table there; returns the files written."""
+    STUDY/report) and, with `combined`, the combined claims table there; the analysis is read from each run's
+    folder `analysis`. Returns the files written."""
     dirs = [Path(d) for d in study_dirs]
     for d in dirs:
-        if not (d / "study.yaml").exists():
-            raise StudyError(f"{d} is not a study folder (no study.yaml)")
+        _check_study(d, analysis)
     written, aggs, reports = [], [], []
     for d in dirs:
         target = d / "report" if out is None else Path(out) if len(dirs) == 1 else Path(out) / d.name
-        aggs.append(aggregate(d))
+        aggs.append(aggregate(d, analysis))
         html_path, md_path = _write(aggs[-1], target)
         written += [html_path, md_path]
         reports.append(md_path)
