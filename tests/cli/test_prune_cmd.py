@@ -37,3 +37,18 @@ def test_cli_prune_bad_block_lists_are_one_line_errors(hf_folder, tmp_path, caps
     err = [line for line in stderr.splitlines() if line.startswith("depthlab")]
     assert len(err) == 1 and err[0].startswith("depthlab prune: error:") and message in err[0]
     assert not (tmp_path / "x").exists()
+
+
+def test_prune_computing_in_bf16_saves_the_source_precision(depthlab_run, tmp_path, capsys):
+    """Scoring may run in bf16 (auto on GPUs and AMX CPUs); the saved blocks are the fp32 source's, bit for bit."""
+    out = tmp_path / "pruned"
+    assert main(["prune", str(depthlab_run), "--drop", "auto", "--n", "1", "--seq-len", "32", "--num-samples", "4",
+                 "--eval-samples", "4", "--dtype", "bf16", "--out", str(out), "--no-progress", "-q"]) == 0
+    report = json.loads((out / "prune_report.json").read_text())
+    assert report["settings"]["dtype"] == "bf16" and report["saved_dtype"] == "fp32"
+    model, tok = load_model(depthlab_run)
+    reloaded, _ = load_model(out)
+    assert {p.dtype for p in reloaded.parameters()} == {torch.float32}
+    ids = torch.tensor([tok.encode("thou art the king of all land")])
+    torch.testing.assert_close(logits(reloaded, ids), skipped_logits(model, ids, report["dropped"]),
+                               rtol=1e-4, atol=1e-4)

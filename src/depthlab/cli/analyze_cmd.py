@@ -14,7 +14,8 @@ def register(sub, help_: str) -> None:
     p = sub.add_parser(
         "analyze", help=help_, formatter_class=argparse.RawDescriptionHelpFormatter,
         description=f"{help_}.\n\nDefaults are sized for a CPU: the metrics are evaluated on 8 sequences x 128 "
-        "tokens in fp32 (bf16 matmuls are slower than fp32 on most CPUs; bf16 is the default on CUDA), and the "
+        "tokens, in fp32 unless the CPU has native bf16 units (--dtype auto: bf16 matmuls are emulated and far "
+        "slower on AVX2-only CPUs; bf16 is the default on CUDA and on CPUs with AVX512-BF16/AMX), and the "
         f"usefulness maps are fitted on a separate, disjoint sample of {FIT_TOKENS_PER_COEF}*(d+1) tokens per map "
         f"(at most {MAX_FIT_TOKENS}), which needs only the cheap baseline pass; SmolLM2 takes a few minutes on 2 "
         "cores. The text is held out from the model's own training run (depthlab runs) or is the held-out "

@@ -340,14 +340,16 @@ def prune_model(model: str | Path, drop, out: str | Path, *, n: int | None = Non
     Calibration (for drop="auto") and perplexity use disjoint windows of one seeded held-out sample: the first
     `num_samples` windows choose the blocks, the next `eval_samples` measure perplexity; the usefulness maps are
     fitted on a further disjoint sample of 32·(d+1) tokens. `tasks` (comma list)
-    adds zero-shot accuracy on the first `limit` examples of each task. Writes `out/prune_report.json`. `out` must be
-    new or empty unless `overwrite` (checked before any work), and is never the source model's folder.
+    adds zero-shot accuracy on the first `limit` examples of each task. Selection and measurements run in `dtype`;
+    the saved model keeps the source's stored precision (a bf16 computation never turns fp32 weights into bf16).
+    Writes `out/prune_report.json`. `out` must be new or empty unless `overwrite` (checked before any work), and is
+    never the source model's folder.
     """
     from depthlab.analysis.defaults import default_fit_samples
     from depthlab.analysis.engine import validate_ids
     from depthlab.data import calibration_samples
     from depthlab.loading import load_model
-    from depthlab.precision import resolve_dtype
+    from depthlab.precision import dtype_name, resolve_dtype
     from depthlab.provenance import provenance
 
     if eval_samples < 1:
@@ -356,7 +358,10 @@ def prune_model(model: str | Path, drop, out: str | Path, *, n: int | None = Non
         raise PruneError(f"unknown unit {unit!r}; choose {', '.join(UNITS)}")
     protect = [model] if Path(str(model)).exists() else []
     check_folder_target(out, overwrite=overwrite, protect=protect)
-    net, tokenizer = load_model(model, device=device, dtype=resolve_dtype(dtype, device))
+    source, tokenizer = load_model(model, device=device)  # its stored precision: what the pruned copy is saved in
+    compute = resolve_dtype(dtype, device)
+    stored = next(source.parameters()).dtype
+    net = source if compute == stored else copy.deepcopy(source).to(compute)
     fitting = drop == "auto" and unit == "block" and method == "usefulness"
     fit_samples = default_fit_samples(ModelView(net).d_model, seq_len) if fitting else 0
     ids, fit_ids, sample = calibration_samples(tokenizer, data, num_samples + eval_samples, seq_len, fit_samples,
@@ -367,19 +372,23 @@ def prune_model(model: str | Path, drop, out: str | Path, *, n: int | None = Non
                               progress=progress)
     before = _measure(net, tokenizer, eval_ids, tasks, limit)
     after = _measure(pruned, tokenizer, eval_ids, tasks, limit)
-    source_config = RunDir.of(net.checkpoint_path).read_config() if getattr(net, "checkpoint_path", None) else None
-    kind = save_format(pruned)
     L = ModelView(net).n_layers
     report = {"model": str(model), "unit": unit, "n_layers_before": L,
               "n_layers_after": L - len(selection.dropped) if unit == "block" else L,
               "dropped": selection.dropped, "kept": [l for l in range(L) if l not in selection.dropped],
-              "method": selection.method, "selection_scores": selection.scores, "saved_as": kind, "out": str(out),
+              "method": selection.method, "selection_scores": selection.scores, "saved_as": save_format(pruned),
+              "saved_dtype": dtype_name(stored), "out": str(out),
               "sample": {**sample, "calibration_windows": num_samples, "eval_windows": eval_samples},
               "before": before, "after": after,
               "settings": {"drop": drop, "n": n, "method": method, "tasks": tasks, "limit": limit,
                            "num_samples": num_samples, "eval_samples": eval_samples, "seq_len": seq_len, "seed": seed,
                            "data": None if data is None else str(data), "dtype": dtype, "device": str(device)},
               "provenance": provenance(net)}
+    if net is not source:  # the same blocks removed from the stored-precision model: the saved copy loses nothing
+        del net
+        pruned, _ = prune(source, selection.dropped, unit=unit)
+    source_config = RunDir.of(source.checkpoint_path).read_config() if getattr(source, "checkpoint_path", None) \
+        else None
     save_pruned(pruned, tokenizer, out, source_config, files={"prune_report.json": dumps_json(report, indent=1) + "\n"},
                 overwrite=overwrite, protect=protect)
     return report
