@@ -71,7 +71,7 @@ def test_every_results_file_carries_the_block(tiny_dataset, tmp_path, capsys):
     text = tmp_path / "text.txt"
     rng = random.Random(0)  # varied text: the fit and evaluation windows must not repeat each other
     text.write_text(" ".join(rng.choices(WORDS, k=3000)))
-    common = ["--num-samples", "4", "--seq-len", "16", "--data", str(text), "-q"]
+    common = ["--num-samples", "4", "--seq-len", "16", "--data", str(text), "-q", "--dtype", "fp32"]  # any CPU
     assert main(["analyze", str(run), "--metrics", "variance", "--out", str(tmp_path / "a"), *common]) == 0
     assert main(["doctor", str(run), "--json", str(tmp_path / "doctor.json"), *common]) == 0
     assert main(["prune", str(run), "--drop", "1", "--eval-samples", "2", "--out", str(tmp_path / "p"), *common]) == 0

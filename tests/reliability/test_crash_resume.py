@@ -122,7 +122,7 @@ def test_sigkilled_analysis_resumes_from_its_saved_metrics(tiny_dataset, tmp_pat
                              **settings)
     out = tmp_path / "analysis"
     args = ["analyze", str(tmp_path / "run"), "--metrics", metrics, "--num-samples", "4", "--seq-len", "16",
-            "--micro-batch-size", "2", "--out", str(out), "--no-progress"]
+            "--micro-batch-size", "2", "--out", str(out), "--no-progress", "--dtype", "fp32"]  # the API's CPU default
     proc = launch(args, "metric:2", tmp_path)  # variance and angular saved; results.json lists only variance
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert sorted(p.name for p in (out / "metrics").iterdir()) == ["angular.json", "variance.json"]

@@ -58,6 +58,8 @@ def run_analysis(model: str, out_dir: str | Path, *, metrics=None, data: str | N
     is a depthlab run, else the held-out Shakespeare plays. device_map / max_memory / offload_folder place the model
     with accelerate (see `load_model`); cache_budget (bytes, or "2GiB") bounds the cached baseline states, beyond
     which they are recomputed. data_parallel: split the sequences over the torch.distributed ranks (torchrun).
+    dtype None: bf16 on CUDA, fp32 on every CPU, native bf16 units or not, so that the study runner's measurements
+    compare across CPU types (the CLI's --dtype auto picks bf16 on such CPUs).
     Returns the results dict written to results.json (with the run's peak memory).
     """
     from depthlab.analysis.engine import check_data_parallel, data_parallel_world, validate_ids
