@@ -21,6 +21,7 @@ BENCHMARKS = {  # name → arguments (each script documents its own)
     "train_throughput": [],
     "moe_speed": [],
     "eval_speed": ["--model", "smollm2", "--tasks", "piqa,arc_easy", "--limit", "200"],
+    "cpu_bf16": [],
 }
 
 

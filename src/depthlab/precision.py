@@ -19,7 +19,8 @@ _ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 BF16_CPU_PROBES = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
 """torch.cpu's feature probes for native bf16 matmul units. torch's dispatch level
 (`torch.backends.cpu.get_cpu_capability()`) says only "AVX512" on such CPUs, so it cannot tell them apart; measured
-on a 2-core Xeon with AMX: a bf16 SmolLM2 forward pass 2.65x faster than fp32, a d=512 training step 2.4x."""
+on a 2-core Xeon with AMX: a bf16 SmolLM2 forward pass 3.0x faster than fp32, a d=512 training step 2.1x
+(benchmarks/cpu_bf16.py)."""
 
 
 @functools.cache
