@@ -15,7 +15,7 @@ def register(sub, help_: str) -> None:
                       "like the study folder (several); default STUDY_DIR/report")
     p.add_argument("--combined", default=None, metavar="FILE.md",
                    help="also write the combined claims table of all the studies to this Markdown file")
-    p.add_argument("--analysis", default="analysis", metavar="NAME",
+    p.add_argument("--analysis", default=None, metavar="NAME",
                    help="read each run's analysis from RUN/NAME/results.json instead of RUN/analysis/, e.g. a "
                         "re-analysis on another sample written by 'depthlab analyze RUN --out RUN/NAME' (default "
                         "analysis; the training-dynamics figure is then left out)")
@@ -24,7 +24,8 @@ def register(sub, help_: str) -> None:
 
 def run(args) -> int:
     from depthlab.study.report import write_reports
+    from depthlab.study.runner import ANALYSIS_DIR
 
-    for path in write_reports(args.study_dir, args.out, args.combined, args.analysis):
+    for path in write_reports(args.study_dir, args.out, args.combined, ANALYSIS_DIR if args.analysis is None else args.analysis):
         print(f"wrote {path}")
     return 0

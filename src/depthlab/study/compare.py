@@ -23,7 +23,7 @@ from depthlab import config as cfgmod
 from depthlab.errors import StudyError
 from depthlab.rundir import RunDir
 from depthlab.study.report import read_run
-from depthlab.study.runner import read_json
+from depthlab.study.runner import ANALYSIS_DIR, read_json
 
 SUMMARY_KEYS = ("usefulness_score", "effective_depth", "causal_mean_effect", "permutation_mean_score")
 
@@ -36,7 +36,7 @@ def compare_runs(a: str | Path, b: str | Path) -> dict[str, Any]:
             raise StudyError(f"{path} is not a run folder (no {RunDir.CONFIG})")
     configs = [RunDir(p).read_config() for p in paths]
     records = [read_run(p) for p in paths]
-    summaries = [(read_json(p / "analysis" / "results.json") or {}).get("summary", {}) for p in paths]
+    summaries = [(read_json(p / ANALYSIS_DIR / "results.json") or {}).get("summary", {}) for p in paths]
     final = {key: [r["values"].get(key) for r in records]
              for key in ("train_loss", "val_loss", "ppl", "avg_acc", "usefulness", "causal", "permutation",
                          "last_var")}

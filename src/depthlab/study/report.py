@@ -38,7 +38,7 @@ from depthlab.fileio import atomic_write_text
 from depthlab.rundir import RunDir
 from depthlab.study import claims, figures
 from depthlab.study.paper import KNOB_LABELS, REFERENCES, paper_numbers
-from depthlab.study.runner import list_runs, read_json, run_state
+from depthlab.study.runner import ANALYSIS_DIR, list_runs, read_json, run_state
 
 COLUMNS = (("val_loss", "val loss", ".3f"), ("ppl", "PPL", ".2f"), ("usefulness", "usefulness", ".3f"),
            ("continuous_usefulness", "mean log ratio", ".4f"), ("causal", "causal", ".3f"),
@@ -63,11 +63,7 @@ def _read_jsonl(path: Path) -> list[dict]:
     return out
 
 
-DEFAULT_ANALYSIS = "analysis"
-"""The folder of a study run that the study runner writes its analysis to."""
-
-
-def read_run(run_dir: str | Path, analysis: str = DEFAULT_ANALYSIS) -> dict[str, Any]:
+def read_run(run_dir: str | Path, analysis: str = ANALYSIS_DIR) -> dict[str, Any]:
     """Everything the report needs from one run folder (missing files give missing values, never errors), with the
     analysis read from its folder `analysis`."""
     run_dir = Path(run_dir)
@@ -112,7 +108,7 @@ def read_run(run_dir: str | Path, analysis: str = DEFAULT_ANALYSIS) -> dict[str,
         "baselines": baselines,
         "beats_bigram": (values["val_loss"] < baselines["bigram"]) if "bigram" in baselines and "val_loss" in values
         else None,
-        "dynamics": _dynamics(run_dir, final_step, analysis_results) if analysis == DEFAULT_ANALYSIS else [],
+        "dynamics": _dynamics(run_dir, final_step, analysis_results) if analysis == ANALYSIS_DIR else [],
         "analysis_sample": _sample(analysis_results),
         "seconds": done.get("seconds"), "load_average": done.get("load_average"),
         "error": (read_json(run_dir / "failed.json") or {}).get("error"),
@@ -176,7 +172,7 @@ def _summary(values: list[float]) -> dict[str, float | int | None] | None:
             "n": len(values)}
 
 
-def aggregate(study_dir: str | Path, analysis: str = DEFAULT_ANALYSIS) -> dict[str, Any]:
+def aggregate(study_dir: str | Path, analysis: str = ANALYSIS_DIR) -> dict[str, Any]:
     """The study's spec, every run's record (its analysis read from the run's folder `analysis`), and one row per
     setting over its finished seeds."""
     study_dir = Path(study_dir)
@@ -372,7 +368,7 @@ def _claims_table(agg: dict) -> tuple[tuple[str, ...], list[list[str]]] | None:
 def _title(agg: dict) -> str:
     spec = agg["spec"]
     scale = f" ({spec['scale']} scale)" if spec.get("scale") else ""
-    other = f", analysis from {agg['analysis']}/" if agg.get("analysis", DEFAULT_ANALYSIS) != DEFAULT_ANALYSIS else ""
+    other = f", analysis from {agg['analysis']}/" if agg["analysis"] != ANALYSIS_DIR else ""
     return f"depthlab study: {spec.get('name', '?')}{scale}{other}"
 
 
@@ -395,7 +391,7 @@ def _intro(agg: dict) -> list[str]:
                          "paper column is shown.")
     done = sum(run["state"] == "done" for run in agg["runs"])
     lines.append(f"{done} of {len(agg['runs'])} runs finished; unfinished runs are left out of the table and figures.")
-    if agg.get("analysis", DEFAULT_ANALYSIS) != DEFAULT_ANALYSIS:
+    if agg["analysis"] != ANALYSIS_DIR:
         lines.append(f"The analysis metrics are read from each run's {agg['analysis']}/ folder, a re-analysis of the "
                      "trained model, not from the study's own analysis; the training-dynamics figure, measured on "
                      "the study's sample, is left out.")
@@ -480,7 +476,7 @@ def render_html(agg: dict, figure_pngs: list[tuple[str, str, bytes]]) -> str:
 
 
 def write_report(study_dir: str | Path, out: str | Path | None = None,
-                 analysis: str = DEFAULT_ANALYSIS) -> tuple[Path, Path]:
+                 analysis: str = ANALYSIS_DIR) -> tuple[Path, Path]:
     """Write ``report.html`` (self-contained), ``report.md`` and ``figures/*.png`` into `out`
     (default STUDY/report), the analysis read from each run's folder `analysis`; returns the HTML and Markdown
     paths."""
@@ -493,7 +489,7 @@ def write_report(study_dir: str | Path, out: str | Path | None = None,
 def _check_study(study_dir: Path, analysis: str) -> None:
     if not (study_dir / "study.yaml").exists():
         raise StudyError(f"{study_dir} is not a study folder (no study.yaml)")
-    if analysis != DEFAULT_ANALYSIS:
+    if analysis != ANALYSIS_DIR:
         if not analysis or analysis in (".", "..") or "/" in analysis or "\\" in analysis:
             raise StudyError(f"--analysis {analysis!r} must be the name of a folder inside each run folder")
         if not any((run / analysis / "results.json").exists() for run in list_runs(study_dir)):
@@ -556,7 +552,7 @@ def render_combined(aggs: list[dict], reports: list[Path | None], where: Path) -
 
 
 def write_reports(study_dirs: list[str | Path], out: str | Path | None = None,
-                  combined: str | Path | None = None, analysis: str = DEFAULT_ANALYSIS) -> list[Path]:
+                  combined: str | Path | None = None, analysis: str = ANALYSIS_DIR) -> list[Path]:
     """Write each study's report (one study: into `out`; several: into ``out/<study folder name>``, default each
     STUDY/report) and, with `combined`, the combined claims table there; the analysis is read from each run's
     folder `analysis`. Returns the files written."""

@@ -42,6 +42,8 @@ from depthlab.rundir import RunDir
 from depthlab.study.spec import StudySpec, check_dynamics, dynamics_steps, load_spec, spec_difference
 
 STATES = ("done", "running", "failed", "interrupted", "pending")
+ANALYSIS_DIR = "analysis"
+"""The folder of each run that the runner writes its analysis to (RUN/analysis/results.json)."""
 LOCKED_EXIT = 75
 """Exit code of a run process that found its run folder locked by another `study run` (EX_TEMPFAIL)."""
 DESCRIPTIVE = ("description:", "runtime:", "gpu_hours:",
@@ -258,7 +260,7 @@ def _measure(run_dir: Path, info: dict, log) -> list[str]:
     if measure["analysis"]:
         from depthlab.analysis import run_analysis
 
-        run_analysis(str(run_dir), run_dir / "analysis", metrics=_applicable(measure["analysis"], info), **sample)
+        run_analysis(str(run_dir), run_dir / ANALYSIS_DIR, metrics=_applicable(measure["analysis"], info), **sample)
         done.append("analysis")
     steps = dynamics_steps(measure.get("dynamics", []), info["config"]["trainer"]["max_steps"])
     if steps and measure.get("dynamics_analysis"):
